@@ -1,0 +1,32 @@
+"""The Celery app. Settings come from Django's (CELERY_*); the periodic schedule is defined here in
+code and django-celery-beat's DatabaseScheduler loads it into its tables at beat start-up, where
+operators can see it (and pause an entry) in the admin."""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dumont.settings")
+
+app = Celery("dumont")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+
+def _beat_schedule() -> dict:
+    from django.conf import settings
+
+    prune_every = settings.HEARTBEAT_PRUNE_INTERVAL_SECONDS
+    return {
+        "prune-heartbeats": {
+            "task": "agent.tasks.prune_heartbeats",
+            "schedule": float(prune_every),
+            # a backlog of sweeps is dropped, not replayed
+            "options": {"expires": prune_every},
+        },
+    }
+
+
+@app.on_after_configure.connect
+def _install_beat_schedule(sender, **kwargs):
+    sender.conf.beat_schedule = _beat_schedule()

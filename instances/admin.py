@@ -1,0 +1,51 @@
+from django.contrib import admin
+
+from instances.models import Instance, InstanceEvent, StandbyConfig
+
+
+class InstanceEventInline(admin.TabularInline):
+    model = InstanceEvent
+    fields = ["created_at", "kind", "message", "data"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ["-id"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Instance)
+class InstanceAdmin(admin.ModelAdmin):
+    list_display = ["id", "name", "owner", "provider", "status", "gpu_name", "num_gpus", "host_id",
+                    "price_per_hour", "status_changed_at", "created_at"]
+    list_filter = ["status", "provider", "gpu_name", "interruptible"]
+    search_fields = ["name", "owner__username", "owner__email", "provider_instance_id", "host_id"]
+    list_select_related = ["owner"]
+    inlines = [InstanceEventInline]
+    # status changes only through the state machine (services), never by editing the row
+    readonly_fields = ["status", "status_reason", "status_changed_at", "provider_instance_id", "host_id",
+                       "ssh_host", "ssh_port", "ssh_user", "ssh_host_key", "price_per_hour",
+                       "machine_started_at", "created_at", "updated_at"]
+
+
+@admin.register(InstanceEvent)
+class InstanceEventAdmin(admin.ModelAdmin):
+    list_display = ["id", "instance", "kind", "message", "created_at"]
+    list_filter = ["kind"]
+    search_fields = ["message", "instance__name"]
+    readonly_fields = ["instance", "kind", "message", "data", "created_at"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(StandbyConfig)
+class StandbyConfigAdmin(admin.ModelAdmin):
+    list_display = ["owner", "enabled", "provider", "zone", "machine_type", "spot", "sync_interval_seconds",
+                    "auto_failover", "auto_recovery", "updated_at"]
+    list_filter = ["enabled", "provider", "spot"]
+    search_fields = ["owner__username"]

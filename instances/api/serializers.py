@@ -1,0 +1,59 @@
+from rest_framework import serializers
+
+from instances.models import Instance, InstanceEvent, StandbyConfig
+
+
+class InstanceEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = InstanceEvent
+        fields = ["id", "kind", "message", "data", "created_at"]
+
+
+class MachineSerializer(serializers.ModelSerializer):
+    """The current machine, or null when none is rented."""
+
+    class Meta:
+        model = Instance
+        fields = [
+            "provider_instance_id", "host_id", "ssh_host", "ssh_port", "ssh_user", "ssh_host_key",
+            "price_per_hour", "machine_started_at",
+        ]
+
+
+class InstanceSerializer(serializers.ModelSerializer):
+    machine = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Instance
+        fields = [
+            "id", "name", "provider", "provider_account", "gpu_name", "num_gpus", "max_price_per_hour",
+            "disk_gb", "image", "region", "interruptible", "status", "status_reason", "status_changed_at",
+            "machine", "keep_awake_until", "created_at", "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_machine(self, instance) -> dict | None:
+        if not instance.provider_instance_id:
+            return None
+        return MachineSerializer(instance).data
+
+
+class InstanceDetailSerializer(InstanceSerializer):
+    events = serializers.SerializerMethodField()
+
+    class Meta(InstanceSerializer.Meta):
+        fields = [*InstanceSerializer.Meta.fields, "events"]
+        read_only_fields = fields
+
+    def get_events(self, instance) -> list[dict]:
+        return InstanceEventSerializer(self.context["events"], many=True).data
+
+
+class StandbyConfigSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = StandbyConfig
+        fields = [
+            "enabled", "provider", "zone", "machine_type", "disk_gb", "spot", "sync_interval_seconds",
+            "auto_failover", "auto_recovery", "updated_at",
+        ]
+        read_only_fields = ["updated_at"]

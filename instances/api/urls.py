@@ -1,0 +1,12 @@
+from django.urls import path
+
+from dumont.core.routers import Router
+from instances.api import views
+
+router = Router()
+router.register("instances", views.InstanceViewSet, basename="instance")
+
+urlpatterns = [
+    path("standby", views.StandbyConfigView.as_view(), name="standby"),
+    *router.urls,
+]

@@ -1,0 +1,122 @@
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+from instances.states import ACTIVE, Status
+
+
+class Instance(models.Model):
+    """A user's GPU workspace. Its machine comes and goes (races, hibernation, wake); the instance stays.
+
+    `status` is changed only by `instances.states.transition`.
+    """
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="instances")
+    name = models.CharField(max_length=100)
+    provider = models.CharField(max_length=32, help_text="Provider adapter name (local, vastai, runpod).")
+    provider_account = models.ForeignKey(
+        "machines.ProviderAccount", null=True, blank=True, on_delete=models.PROTECT, related_name="instances"
+    )
+
+    # requested GPU spec
+    gpu_name = models.CharField(max_length=64, blank=True, help_text="Empty: any GPU model.")
+    num_gpus = models.PositiveSmallIntegerField(default=1, validators=[MaxValueValidator(16)])
+    max_price_per_hour = models.DecimalField(
+        max_digits=8, decimal_places=4, null=True, blank=True, validators=[MinValueValidator(0)]
+    )
+    disk_gb = models.PositiveIntegerField(default=50, validators=[MinValueValidator(1), MaxValueValidator(8192)])
+    image = models.CharField(max_length=255, default="pytorch/pytorch:latest")
+    region = models.CharField(max_length=64, blank=True)
+    interruptible = models.BooleanField(default=False)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    status_reason = models.TextField(blank=True)
+    status_changed_at = models.DateTimeField(auto_now_add=True)
+
+    # the current machine (empty while none is rented)
+    provider_instance_id = models.CharField(max_length=64, blank=True, db_index=True)
+    host_id = models.CharField(max_length=64, blank=True)
+    ssh_host = models.CharField(max_length=255, blank=True)
+    ssh_port = models.PositiveIntegerField(null=True, blank=True)
+    ssh_user = models.CharField(max_length=32, blank=True, default="root")
+    ssh_host_key = models.TextField(blank=True, help_text="Pinned host key: connections with any other key are refused.")
+    price_per_hour = models.DecimalField(max_digits=8, decimal_places=4, null=True, blank=True)
+    machine_started_at = models.DateTimeField(null=True, blank=True)
+
+    keep_awake_until = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["owner", "status"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "name"],
+                condition=models.Q(status__in=sorted(ACTIVE)),
+                name="unique_active_instance_name_per_owner",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} (#{self.pk}, {self.status})"
+
+    @property
+    def label(self) -> str:
+        """What we put in the provider's label field so orphans can be found by it."""
+        return f"{settings.DUMONT_LABEL_PREFIX}{self.pk}"
+
+
+class InstanceEvent(models.Model):
+    """Append-only: the audit log, the progress feed for clients, and the data for metrics."""
+
+    class Kind(models.TextChoices):
+        STATUS = "status"
+        RACE = "race"
+        ATTEMPT = "attempt"
+        SNAPSHOT = "snapshot"
+        RESTORE = "restore"
+        AGENT = "agent"
+        HIBERNATE = "hibernate"
+        WAKE = "wake"
+        ERROR = "error"
+        INFO = "info"
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="events")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["instance", "id"])]
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.message}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise ValueError("InstanceEvent is append-only")
+        super().save(*args, **kwargs)
+
+
+class StandbyConfig(models.Model):
+    """Per-user CPU standby / failover settings (the behaviour comes with the failover work)."""
+
+    owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="standby_config")
+    enabled = models.BooleanField(default=False)
+    provider = models.CharField(max_length=32, default="gcp")
+    zone = models.CharField(max_length=64, default="us-central1-a")
+    machine_type = models.CharField(max_length=64, default="e2-standard-4")
+    disk_gb = models.PositiveIntegerField(default=100, validators=[MinValueValidator(10), MaxValueValidator(8192)])
+    spot = models.BooleanField(default=True)
+    sync_interval_seconds = models.PositiveIntegerField(
+        default=300, validators=[MinValueValidator(30), MaxValueValidator(86400)]
+    )
+    auto_failover = models.BooleanField(default=True)
+    auto_recovery = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"standby for {self.owner} ({'on' if self.enabled else 'off'})"

@@ -1,0 +1,37 @@
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from agent.models import Heartbeat
+from agent.services import heartbeats_prune
+from agent.tasks import prune_heartbeats
+from tests.factories import make_instance, make_user
+
+pytestmark = pytest.mark.django_db
+
+
+def _beats(instance, *, hours_ago: float, count: int):
+    at = timezone.now() - timedelta(hours=hours_ago)
+    Heartbeat.objects.bulk_create(
+        Heartbeat(instance=instance, gpu_util=50, received_at=at - timedelta(seconds=i)) for i in range(count)
+    )
+
+
+def test_prune_deletes_only_heartbeats_older_than_retention(settings):
+    settings.HEARTBEAT_RETENTION_HOURS = 24
+    instance = make_instance(make_user(), status="running")
+    _beats(instance, hours_ago=25, count=30)
+    _beats(instance, hours_ago=23, count=7)
+    assert prune_heartbeats() == 30
+    assert Heartbeat.objects.count() == 7
+    assert prune_heartbeats() == 0
+
+
+def test_prune_is_bounded_per_run_and_the_next_run_continues():
+    instance = make_instance(make_user(), status="running")
+    _beats(instance, hours_ago=100, count=25)
+    assert heartbeats_prune(older_than=timedelta(hours=1), batch_size=10, max_batches=2) == 20
+    assert Heartbeat.objects.count() == 5
+    assert heartbeats_prune(older_than=timedelta(hours=1), batch_size=10, max_batches=2) == 5
+    assert not Heartbeat.objects.exists()

@@ -1,0 +1,45 @@
+from django.conf import settings
+
+from dumont.celery import app
+
+
+def test_celery_is_configured_for_safe_long_tasks():
+    conf = app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_serializer == "json" and conf.accept_content == ["json"] and conf.result_serializer == "json"
+    assert conf.task_always_eager is False
+    assert conf.broker_url == settings.REDIS_URL
+
+
+def test_visibility_timeout_exceeds_every_time_limit_countdown_and_schedule():
+    """Redis re-delivers an unacked task after the visibility timeout: anything longer runs twice."""
+    visibility = app.conf.broker_transport_options["visibility_timeout"]
+    limits = [app.conf.task_time_limit, app.conf.task_soft_time_limit, settings.CELERY_MAX_RETRY_DELAY]
+    for name, task in app.tasks.items():
+        if name.startswith("celery."):
+            continue
+        limits += [getattr(task, "time_limit", None) or 0, getattr(task, "soft_time_limit", None) or 0,
+                   getattr(task, "default_retry_delay", 0) or 0]
+    for entry in app.conf.beat_schedule.values():
+        limits.append(entry.get("options", {}).get("expires", 0))
+    assert app.conf.task_soft_time_limit < app.conf.task_time_limit
+    assert max(limits) < visibility
+
+
+def test_each_test_worker_has_its_own_redis_database_and_prefix():
+    import os
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        assert settings.REDIS_URL.endswith(f"/{1 + int(worker[2:]) % 15}")
+        assert settings.REDIS_KEY_PREFIX.endswith(worker)
+        assert app.conf.broker_transport_options["global_keyprefix"] == f"{settings.REDIS_KEY_PREFIX}:"
+
+
+def test_beat_schedule_is_defined_in_code_with_expiry():
+    entry = app.conf.beat_schedule["prune-heartbeats"]
+    assert entry["task"] == "agent.tasks.prune_heartbeats"
+    assert entry["options"]["expires"] == settings.HEARTBEAT_PRUNE_INTERVAL_SECONDS
+    assert entry["task"] in app.tasks
