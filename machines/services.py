@@ -8,11 +8,9 @@ import hashlib
 from django.db import transaction
 
 from dumont.core.errors import Conflict, InvalidInput, NotFound
+from machines.clients import ACCOUNTLESS_PROVIDERS
 from machines.models import ProviderAccount, SSHKey
 from machines.providers.base import provider_names
-
-# Providers that need no account (the embedded local marketplace).
-ACCOUNTLESS_PROVIDERS = frozenset({"local"})
 
 
 def provider_account_create(*, owner, provider: str, name: str, api_key: str) -> ProviderAccount:

@@ -57,3 +57,23 @@ class StandbyConfigSerializer(serializers.ModelSerializer):
             "auto_failover", "auto_recovery", "updated_at",
         ]
         read_only_fields = ["updated_at"]
+
+
+class InstanceCreateSerializer(serializers.Serializer):
+    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100,
+                                  error_messages={"invalid": "Letters, digits, '.', '_' and '-' only."})
+    provider = serializers.CharField(max_length=32, default="local")
+    provider_account = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    gpu_name = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+    num_gpus = serializers.IntegerField(min_value=1, max_value=16, default=1)
+    max_price_per_hour = serializers.DecimalField(max_digits=8, decimal_places=4, min_value=0, required=False,
+                                                  allow_null=True)
+    disk_gb = serializers.IntegerField(min_value=1, max_value=8192, default=50)
+    image = serializers.CharField(max_length=255, default="pytorch/pytorch:latest")
+    region = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+    interruptible = serializers.BooleanField(default=False)
+
+
+class EventQuerySerializer(serializers.Serializer):
+    after = serializers.IntegerField(required=False, min_value=0)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=500)

@@ -1,10 +1,18 @@
 from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, viewsets
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from instances import selectors, services
-from instances.api.serializers import InstanceDetailSerializer, InstanceSerializer, StandbyConfigSerializer
+from instances.api.serializers import (
+    EventQuerySerializer,
+    InstanceCreateSerializer,
+    InstanceDetailSerializer,
+    InstanceEventSerializer,
+    InstanceSerializer,
+    StandbyConfigSerializer,
+)
 from instances.filters import InstanceFilter
 
 
@@ -20,6 +28,43 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         instance = self.get_object()
         events = selectors.instance_events(instance=instance)
         return Response(InstanceDetailSerializer(instance, context={"events": events}).data)
+
+    @extend_schema(request=InstanceCreateSerializer, responses={202: InstanceSerializer})
+    def create(self, request):
+        """Save the instance as pending and start its launch race; follow it in its events."""
+        serializer = InstanceCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        instance = services.instance_create(owner=request.user, **serializer.validated_data)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: InstanceSerializer})
+    def destroy(self, request, pk=None):
+        instance = services.instance_destroy_request(instance=self.get_object())
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def pause(self, request, pk=None):
+        instance = services.instance_pause_request(instance=self.get_object())
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def resume(self, request, pk=None):
+        instance = services.instance_resume_request(instance=self.get_object())
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(parameters=[EventQuerySerializer], responses=InstanceEventSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def events(self, request, pk=None):
+        """Events in order; `?after=<last id seen>` returns only newer ones (to follow a race live)."""
+        params = EventQuerySerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        events = selectors.instance_events(
+            instance=self.get_object(), after_id=params.validated_data.get("after"),
+            limit=params.validated_data["limit"],
+        )
+        return Response(InstanceEventSerializer(events, many=True).data)
 
 
 class StandbyConfigView(APIView):

@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
 from machines.models import MachineAttempt, MachineBlacklist, MachineStats, ProviderAccount, SSHKey
+from machines.providers.base import OfferQuery
 
 
 class ProviderAccountSerializer(serializers.ModelSerializer):
@@ -61,4 +62,66 @@ class MachineHistorySerializer(serializers.Serializer):
     summary = HistorySummarySerializer()
     attempts = MachineAttemptSerializer(many=True)
     stats = MachineStatsSerializer(many=True)
+    problematic = MachineStatsSerializer(many=True)
+    reliable = MachineStatsSerializer(many=True)
     blacklist = MachineBlacklistSerializer(many=True)
+
+
+class BlacklistAddSerializer(serializers.Serializer):
+    provider = serializers.CharField(max_length=32)
+    host_id = serializers.CharField(max_length=64)
+    reason = serializers.CharField(max_length=2000)
+    hours = serializers.FloatField(required=False, allow_null=True, min_value=0.01,
+                                   help_text="Empty: until lifted by hand.")
+
+
+class BlacklistLiftSerializer(serializers.Serializer):
+    provider = serializers.CharField(max_length=32)
+    host_id = serializers.CharField(max_length=64)
+
+
+class OfferQuerySerializer(serializers.Serializer):
+    gpu_name = serializers.CharField(required=False, max_length=64)
+    num_gpus = serializers.IntegerField(required=False, min_value=0, max_value=16)
+    max_price = serializers.DecimalField(required=False, max_digits=8, decimal_places=4, min_value=0)
+    region = serializers.CharField(required=False, max_length=64)
+    interruptible = serializers.BooleanField(required=False, default=False)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=200, default=64)
+
+    def to_query(self) -> OfferQuery:
+        data = self.validated_data
+        return OfferQuery(
+            gpu_name=data.get("gpu_name"), num_gpus=data.get("num_gpus"), max_price_per_hour=data.get("max_price"),
+            region=data.get("region"), interruptible=data["interruptible"], limit=data["limit"],
+        )
+
+
+class OfferSerializer(serializers.Serializer):
+    provider = serializers.CharField(source="rated.offer.provider")
+    account = serializers.IntegerField(allow_null=True)
+    offer_id = serializers.CharField(source="rated.offer.offer_id")
+    host_id = serializers.CharField(source="rated.offer.host_id")
+    gpu_name = serializers.CharField(source="rated.offer.gpu_name")
+    num_gpus = serializers.IntegerField(source="rated.offer.num_gpus")
+    gpu_ram_gb = serializers.FloatField(source="rated.offer.gpu_ram_gb")
+    price_per_hour = serializers.DecimalField(source="rated.offer.price_per_hour", max_digits=8, decimal_places=4)
+    provider_reliability = serializers.FloatField(source="rated.offer.reliability", allow_null=True)
+    region = serializers.CharField(source="rated.offer.region")
+    disk_gb = serializers.FloatField(source="rated.offer.disk_gb")
+    inet_down_mbps = serializers.FloatField(source="rated.offer.inet_down_mbps", allow_null=True)
+    # our own record of the host (launch races of every user)
+    success_rate = serializers.FloatField(source="rated.success_rate", allow_null=True)
+    attempts = serializers.IntegerField(source="rated.judged_attempts")
+    reliability_band = serializers.CharField(source="rated.band")
+    blacklisted = serializers.BooleanField(source="rated.blacklisted")
+
+
+class OfferErrorSerializer(serializers.Serializer):
+    provider = serializers.CharField()
+    account = serializers.IntegerField(allow_null=True)
+    detail = serializers.CharField()
+
+
+class OfferListSerializer(serializers.Serializer):
+    offers = OfferSerializer(many=True)
+    errors = OfferErrorSerializer(many=True)

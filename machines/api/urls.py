@@ -8,6 +8,8 @@ router.register("provider-accounts", views.ProviderAccountViewSet, basename="pro
 router.register("ssh-keys", views.SSHKeyViewSet, basename="ssh-key")
 
 urlpatterns = [
+    path("offers", views.OfferListView.as_view(), name="offers"),
+    path("machines/blacklist", views.BlacklistView.as_view(), name="machine-blacklist"),
     path("machines/history", views.MachineHistoryView.as_view(), name="machine-history"),
     *router.urls,
 ]

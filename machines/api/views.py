@@ -1,10 +1,21 @@
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
+from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from machines import selectors, services
-from machines.api.serializers import MachineHistorySerializer, ProviderAccountSerializer, SSHKeySerializer
+from dumont.core.errors import NotFound
+from machines import reliability, selectors, services
+from machines.api.serializers import (
+    BlacklistAddSerializer,
+    BlacklistLiftSerializer,
+    MachineBlacklistSerializer,
+    MachineHistorySerializer,
+    OfferListSerializer,
+    OfferQuerySerializer,
+    ProviderAccountSerializer,
+    SSHKeySerializer,
+)
 
 
 class ProviderAccountViewSet(
@@ -47,3 +58,35 @@ class MachineHistoryView(APIView):
     @extend_schema(responses=MachineHistorySerializer)
     def get(self, request):
         return Response(MachineHistorySerializer(selectors.machine_history(user=request.user)).data)
+
+
+class OfferListView(APIView):
+    """The deploy wizard's data: offers from every provider you can rent from, cheapest first."""
+
+    @extend_schema(parameters=[OfferQuerySerializer], responses=OfferListSerializer)
+    def get(self, request):
+        params = OfferQuerySerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        offers, errors = selectors.offers_for(user=request.user, query=params.to_query())
+        return Response(OfferListSerializer({"offers": offers, "errors": errors}).data)
+
+
+class BlacklistView(APIView):
+    """Operators (staff) blacklist a host by hand or lift it; the blacklist applies to every user's races."""
+
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=BlacklistAddSerializer, responses={201: MachineBlacklistSerializer})
+    def post(self, request):
+        data = BlacklistAddSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        entry = reliability.blacklist_add(by=request.user, **data.validated_data)
+        return Response(MachineBlacklistSerializer(entry).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=BlacklistLiftSerializer, responses={204: None})
+    def delete(self, request):
+        data = BlacklistLiftSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        if not reliability.blacklist_lift(by=request.user, **data.validated_data):
+            raise NotFound("That host is not blacklisted.")
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -2,6 +2,9 @@ from django.conf import settings
 
 from dumont.celery import app
 
+# what a worker does at start: import every app's tasks.py
+app.loader.import_default_modules()
+
 
 def test_celery_is_configured_for_safe_long_tasks():
     conf = app.conf

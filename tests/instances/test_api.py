@@ -1,6 +1,8 @@
 import pytest
 
+from instances.models import Instance
 from instances.states import Status, transition
+from machines.models import ProviderAccount
 from tests.factories import make_instance
 
 pytestmark = pytest.mark.django_db
@@ -44,3 +46,69 @@ def test_standby_validation_names_the_field(api):
     assert response.status_code == 400
     assert "sync_interval_seconds" in response.json()["fields"]
     assert api.get("/api/v1/standby").json()["sync_interval_seconds"] == 300
+
+
+def test_create_validates_and_names_the_field(api):
+    response = api.post("/api/v1/instances", {"name": "bad name;rm", "num_gpus": 0, "disk_gb": -1}, format="json")
+    assert response.status_code == 400
+    assert set(response.json()["fields"]) == {"name", "num_gpus", "disk_gb"}
+    assert not Instance.objects.exists()
+
+
+def test_create_is_202_pending_with_an_event(api, user, settings):
+    settings.LOCAL_MARKETPLACE_ENABLED = True
+    response = api.post("/api/v1/instances", {"name": "train-1", "gpu_name": "RTX 4090", "max_price_per_hour": "0.5"},
+                        format="json")
+    assert response.status_code == 202, response.json()
+    body = response.json()
+    assert body["status"] == "pending" and body["provider"] == "local" and body["machine"] is None
+    instance = Instance.objects.get(pk=body["id"])
+    assert instance.owner == user and [e.message for e in instance.events.all()] == ["instance created"]
+    duplicate = api.post("/api/v1/instances", {"name": "train-1"}, format="json")
+    assert duplicate.status_code == 409
+
+
+def test_create_needs_an_own_account_of_the_right_provider(api, other_user):
+    foreign = ProviderAccount.objects.create(owner=other_user, provider="vastai", name="x", api_key="k" * 20)
+    missing = api.post("/api/v1/instances", {"name": "a", "provider": "vastai"}, format="json")
+    assert missing.status_code == 400 and "provider_account" in missing.json()["fields"]
+    stolen = api.post("/api/v1/instances", {"name": "a", "provider": "vastai", "provider_account": foreign.pk},
+                      format="json")
+    assert stolen.status_code == 404
+    unknown = api.post("/api/v1/instances", {"name": "a", "provider": "aws"}, format="json")
+    assert unknown.status_code == 400 and unknown.json()["error"] == "invalid_provider"
+    assert not Instance.objects.exists()
+
+
+def test_disabled_local_marketplace_refuses_launches(api, settings):
+    settings.LOCAL_MARKETPLACE_ENABLED = False
+    response = api.post("/api/v1/instances", {"name": "a"}, format="json")
+    assert response.status_code == 400 and response.json()["error"] == "provider_disabled"
+
+
+@pytest.mark.parametrize(
+    ("status", "action", "method"),
+    [(Status.PENDING, "pause", "post"), (Status.PAUSED, "pause", "post"), (Status.RUNNING, "resume", "post"),
+     (Status.HIBERNATED, "resume", "post"), (Status.DESTROYED, "", "delete"), (Status.DESTROYING, "", "delete")],
+)
+def test_actions_that_do_not_fit_the_state_are_409_naming_it(user, api, status, action, method):
+    instance = make_instance(user, status=status)
+    response = getattr(api, method)(f"/api/v1/instances/{instance.pk}{'/' + action if action else ''}")
+    assert response.status_code == 409
+    assert response.json()["status"] == status
+    assert Instance.objects.get(pk=instance.pk).status == status
+
+
+def test_destroy_marks_destroying_at_once(user, api):
+    instance = make_instance(user, status=Status.FAILED)
+    response = api.delete(f"/api/v1/instances/{instance.pk}")
+    assert response.status_code == 202 and response.json()["status"] == "destroying"
+
+
+@pytest.mark.parametrize(("method", "suffix"), [("post", "/pause"), ("post", "/resume"), ("delete", ""),
+                                                  ("get", "/events")])
+def test_other_users_cannot_act_on_an_instance(user, other_api, method, suffix):
+    instance = make_instance(user, status=Status.RUNNING)
+    response = getattr(other_api, method)(f"/api/v1/instances/{instance.pk}{suffix}")
+    assert response.status_code == 404
+    assert Instance.objects.get(pk=instance.pk).status == Status.RUNNING

@@ -1,0 +1,114 @@
+"""The reconcile sweep (beat, every minute): the database and the providers must agree.
+
+1. Every machine a provider lists under our label prefix must be owned: the current machine of an
+   instance that holds one, or a machine of a race still deciding (its attempt is live and the instance
+   is launching). Anything else is an orphan (a crashed worker's loser, a late create, a machine of a
+   destroyed instance) and is destroyed.
+2. Work whose worker died is picked up again: a launching/pending instance whose race lock nobody holds
+   gets its race re-enqueued (the race resumes from its attempts), a destroying one its destroy.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from dumont.core.locks import advisory_lock, is_locked
+from instances.models import Instance, InstanceEvent
+from instances.race import LIVE_OUTCOMES, LOCK_NAMESPACE
+from instances.services import instance_event_add
+from instances.states import HOLDS_MACHINE, Status
+from machines.clients import provider_client
+from machines.models import MachineAttempt, ProviderAccount
+from machines.providers.base import ProviderError, ProviderInstance
+
+log = logging.getLogger(__name__)
+
+
+def _parse_label(label: str | None) -> tuple[int, int] | None:
+    prefix = re.escape(settings.DUMONT_LABEL_PREFIX)
+    match = re.fullmatch(rf"{prefix}(\d+)-(\d+)", label or "")
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def machine_is_owned(machine: ProviderInstance, provider: str) -> bool:
+    parsed = _parse_label(machine.label)
+    if parsed is None:
+        return False
+    instance_id, attempt_id = parsed
+    instance = Instance.objects.filter(pk=instance_id, provider=provider).first()
+    if instance is None:
+        return False
+    if instance.provider_instance_id == machine.instance_id and instance.status in HOLDS_MACHINE:
+        return True
+    if instance.status == Status.LAUNCHING:
+        return MachineAttempt.objects.filter(pk=attempt_id, instance=instance, outcome__in=LIVE_OUTCOMES).exists()
+    return False
+
+
+def _clients():
+    if settings.LOCAL_MARKETPLACE_ENABLED:
+        yield "local", provider_client("local")
+    for account in ProviderAccount.objects.order_by("id"):
+        yield account.provider, provider_client(account.provider, account)
+
+
+def reconcile_machines() -> list[str]:
+    destroyed = []
+    for provider, client in _clients():
+        try:
+            machines = client.list(label_prefix=settings.DUMONT_LABEL_PREFIX)
+        except ProviderError as exc:
+            log.warning("reconcile: cannot list %s machines: %s", provider, exc)
+            continue
+        for machine in machines:
+            if machine.status == "gone" or machine_is_owned(machine, provider):
+                continue
+            try:
+                client.destroy(machine.instance_id)
+            except ProviderError as exc:
+                log.warning("reconcile: cannot destroy orphan %s/%s: %s", provider, machine.instance_id, exc)
+                continue
+            destroyed.append(f"{provider}:{machine.instance_id}")
+            parsed = _parse_label(machine.label)
+            MachineAttempt.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
+                                          destroyed_at__isnull=True).update(destroyed_at=timezone.now())
+            instance = Instance.objects.filter(pk=parsed[0]).first() if parsed else None
+            if instance is not None:
+                instance_event_add(instance=instance, kind=InstanceEvent.Kind.RACE,
+                                   message=f"reconcile destroyed an unowned machine {machine.instance_id}",
+                                   data={"machine": machine.instance_id, "label": machine.label})
+            log.info("reconcile: destroyed orphan %s/%s (%s)", provider, machine.instance_id, machine.label)
+    return destroyed
+
+
+def resume_dead_work() -> list[int]:
+    from instances import tasks
+
+    resumed = []
+    stale = Instance.objects.filter(
+        status__in=(Status.PENDING, Status.LAUNCHING, Status.DESTROYING),
+        # younger work may simply not have been picked up by a worker yet
+        status_changed_at__lt=timezone.now() - timedelta(seconds=settings.RECONCILE_STALE_SECONDS),
+    ).order_by("id")[:500]
+    for instance in stale:
+        if is_locked(LOCK_NAMESPACE, instance.pk):
+            continue  # its worker is alive and at it
+        if instance.status == Status.DESTROYING:
+            tasks.destroy_instance.delay(instance.pk)
+        else:
+            tasks.launch_race.delay(instance.pk)
+        resumed.append(instance.pk)
+    return resumed
+
+
+def reconcile() -> dict:
+    with advisory_lock("reconcile", 0) as acquired:
+        if not acquired:
+            return {"skipped": True}  # another beat's sweep is running
+        resumed = resume_dead_work()
+        return {"destroyed": reconcile_machines(), "resumed": resumed}

@@ -1,0 +1,5 @@
+import sys
+
+from machines.providers.local.cli import main
+
+sys.exit(main())
