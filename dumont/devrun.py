@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> None:
 
     manager = Manager()
     processes = {
-        # the embedded local marketplace: an offline GPU market whose machines are real sshd servers
-        "market": [python, "manage.py", "marketplace", "serve"],
         "web": [python, "manage.py", "runserver", f"127.0.0.1:{args.port}", "--noreload"],
         "worker": [python, "-m", "celery", "-A", "dumont", "worker", "--loglevel=INFO", "--concurrency=4"],
         "beat": [python, "-m", "celery", "-A", "dumont", "beat", "--loglevel=INFO", "--pidfile=",
                  "--scheduler=django_celery_beat.schedulers:DatabaseScheduler"],
     }
+    if env.get("LOCAL_MARKETPLACE_ENABLED", "true").lower() not in ("0", "false", "off", "no"):
+        # the embedded local marketplace: an offline GPU market whose machines are real sshd servers
+        processes["market"] = [python, "manage.py", "marketplace", "serve"]
     for name, command in processes.items():
         manager.add_process(name, subprocess.list2cmdline(command), env=env, cwd=str(REPO))
     print(f"[devrun] API on http://127.0.0.1:{args.port}/api/v1/ , docs /api/docs , admin /admin/ ; Ctrl-C stops all")

@@ -1,6 +1,22 @@
 from django.contrib import admin
 
 from instances.models import Instance, InstanceEvent, StandbyConfig
+from machines.models import MachineAttempt
+
+
+class MachineAttemptInline(admin.TabularInline):
+    """The launch races of this instance, round by round."""
+
+    model = MachineAttempt
+    fields = ["round", "host_id", "offer_id", "provider_instance_id", "price_per_hour", "outcome", "failure_stage",
+              "seconds_to_ready", "cost", "detail", "created_at", "destroyed_at"]
+    readonly_fields = fields
+    ordering = ["round", "id"]
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
 
 
 class InstanceEventInline(admin.TabularInline):
@@ -22,7 +38,7 @@ class InstanceAdmin(admin.ModelAdmin):
     list_filter = ["status", "provider", "gpu_name", "interruptible"]
     search_fields = ["name", "owner__username", "owner__email", "provider_instance_id", "host_id"]
     list_select_related = ["owner"]
-    inlines = [InstanceEventInline]
+    inlines = [MachineAttemptInline, InstanceEventInline]
     # status changes only through the state machine (services), never by editing the row
     readonly_fields = ["status", "status_reason", "status_changed_at", "provider_instance_id", "host_id",
                        "ssh_host", "ssh_port", "ssh_user", "ssh_host_key", "price_per_hour",

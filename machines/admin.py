@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.utils import timezone
 
 from machines.models import MachineAttempt, MachineBlacklist, MachineStats, ProviderAccount, SSHKey
 
@@ -49,7 +50,13 @@ class MachineBlacklistAdmin(admin.ModelAdmin):
     list_display = ["id", "provider", "host_id", "source", "reason", "until", "lifted_at", "created_at"]
     list_filter = ["source", "provider"]
     search_fields = ["host_id", "reason"]
-    readonly_fields = ["created_by", "created_at", "lifted_by"]
+    readonly_fields = ["created_by", "created_at", "lifted_by", "lifted_at"]
+    actions = ["lift"]
+
+    @admin.action(description="Lift the selected blacklist entries")
+    def lift(self, request, queryset):
+        lifted = queryset.active().update(lifted_at=timezone.now(), lifted_by=request.user)
+        self.message_user(request, f"{lifted} entr{'y' if lifted == 1 else 'ies'} lifted.")
 
     def save_model(self, request, obj, form, change):
         if not change:

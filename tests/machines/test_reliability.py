@@ -75,3 +75,26 @@ def test_lifting_ends_the_blacklist():
     assert reliability.blacklisted_hosts("local") == {"h5"}
     assert reliability.blacklist_lift(provider="local", host_id="h5") == 1
     assert reliability.blacklisted_hosts("local") == set()
+
+
+def test_blacklist_api_is_for_operators_only(api, user):
+    body = {"provider": "local", "host_id": "h9", "reason": "smoke on rack 4", "hours": 2}
+    assert api.post("/api/v1/machines/blacklist", body, format="json").status_code == 403
+    user.is_staff = True
+    user.save()
+    created = api.post("/api/v1/machines/blacklist", body, format="json")
+    assert created.status_code == 201 and created.json()["source"] == "manual"
+    history = api.get("/api/v1/machines/history").json()
+    assert [(b["host_id"], b["reason"]) for b in history["blacklist"]] == [("h9", "smoke on rack 4")]
+    assert api.delete("/api/v1/machines/blacklist", {"provider": "local", "host_id": "h9"}, format="json").status_code == 204
+    assert api.delete("/api/v1/machines/blacklist", {"provider": "local", "host_id": "h9"}, format="json").status_code == 404
+    assert reliability.blacklisted_hosts("local") == set()
+
+
+def test_history_lists_problematic_and_reliable_hosts(api):
+    MachineStats.objects.create(provider="local", host_id="bad", attempts=5, successes=1, failures=4, success_rate=0.2,
+                                consecutive_failures=3)
+    MachineStats.objects.create(provider="local", host_id="good", attempts=9, successes=9, success_rate=1.0)
+    history = api.get("/api/v1/machines/history").json()
+    assert [s["host_id"] for s in history["problematic"]] == ["bad"]
+    assert [s["host_id"] for s in history["reliable"]] == ["good"]

@@ -1,0 +1,214 @@
+"""`python manage.py benchmark race`: the launch race against single launch with sequential failover.
+
+Both run on a private local marketplace whose hosts boot like vast.ai's (lognormal, median ~60 s, a
+long tail, ~20% never ready), scaled down in time by `--time-scale`. The race is our real code
+(`instances.race.race_run`, in this process); the baseline is what SkyPilot/dstack do: rent the best
+offer, wait for it (up to the same machine timeout), destroy it and try the next one if it fails.
+
+Figures: median / p90 time-to-ready, failure rate, cost of the machines that did not win (race
+losers, baseline failures), and the race's own overhead: time-to-ready minus the winning machine's
+own boot (until the marketplace brought it up) and minus one SSH command's round trip on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import tempfile
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import yaml
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.test import override_settings
+
+from dumont.core.management.commands.benchmark import Benchmark
+from instances import lifecycle
+from instances.models import Instance
+from instances.race import RaceConfig, race_run
+from instances.states import Status, transition
+from machines.keys import control_plane_key_path, control_plane_public_key
+from machines.models import MachineAttempt, MachineBlacklist, MachineStats
+from machines.providers.base import LaunchRequest, OfferQuery, ProviderError
+from machines.ssh import SSHError, SSHTarget, connect, wait_for_ssh
+
+GPU = "BENCH-4090"
+FIRST_MACHINE_ID = 80001
+
+
+@dataclasses.dataclass
+class Launch:
+    seconds: float | None  # None: no machine became ready
+    loser_cost: Decimal
+    machines: int
+    overhead: float | None = None
+
+
+def vast_like_catalogue(hosts: int, seed: int) -> dict:
+    """Hosts whose boots look like vast.ai's: median ~60 s, heavy tail, ~20% never ready."""
+    rng = random.Random(seed)
+    entries = []
+    for i in range(hosts):
+        roll = rng.random()
+        entries.append({
+            "name": f"bench-{i}", "machine_id": FIRST_MACHINE_ID + i, "gpu_name": GPU, "gpu_ram_gb": 24,
+            "price_per_hour": round(rng.uniform(0.30, 0.60), 3), "region": "Anywhere, US",
+            "reliability": round(rng.uniform(0.85, 0.99), 3),
+            "boot": {"median": round(rng.lognormvariate(4.1, 0.35), 1), "sigma": 0.6},
+            # each host has its own odds of never becoming ready (about 20% of rentals overall)
+            "p_stuck_loading": 0.10 if roll < 0.5 else 0.05,
+            "p_exited": 0.05,
+            "p_ssh_never_answers": 0.05 if roll < 0.5 else 0.02,
+            "capacity": 6,
+        })
+    return {"hosts": entries}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+class RaceBenchmark(Benchmark):
+    help = "launch race vs sequential failover on a vast-like local marketplace"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--launches", type=int, default=12, help="launches per method")
+        parser.add_argument("--hosts", type=int, default=40)
+        parser.add_argument("--time-scale", type=float, default=0.05, help="boot times x this (0.05: 60 s -> 3 s)")
+        parser.add_argument("--poll-interval", type=float, default=0.25, help="seconds between provider polls")
+        parser.add_argument("--seed", type=int, default=7)
+
+    def run(self, *, launches, hosts, time_scale, poll_interval, seed, **_):
+        from machines.providers.local.testing import running_marketplace
+
+        config = RaceConfig(
+            batch_size=5, max_rounds=3, batch_timeout=90 * time_scale, machine_timeout=180 * time_scale,
+            poll_interval=poll_interval, ssh_timeout=max(5.0, 60 * time_scale),
+        )
+        with tempfile.TemporaryDirectory(prefix="bench-race-") as tmp:
+            catalogue = Path(tmp) / "catalogue.yaml"
+            catalogue.write_text(yaml.safe_dump(vast_like_catalogue(hosts, seed)))
+            with running_marketplace(tmp, time_scale=time_scale, catalogue=catalogue, seed=seed) as market:
+                overrides = {"LOCAL_MARKETPLACE_ENABLED": True, "LOCAL_MARKETPLACE_URL": market.url,
+                             "DUMONT_SSH_KEY_PATH": Path(tmp) / "ssh" / "id_ed25519"}
+                with override_settings(**overrides):
+                    user, _ = get_user_model().objects.get_or_create(username="__benchmark__")
+                    try:
+                        self.stdout.write(f"{launches} launches per method, {hosts} hosts, time scale {time_scale} "
+                                          f"(a 60 s boot takes {60 * time_scale:.1f} s), poll {poll_interval}s")
+                        sequential = [self._sequential(market, config) for _ in range(launches)]
+                        race = [self._race(user, market, config, i) for i in range(launches)]
+                    finally:
+                        self._clean_up(user)
+        self._report(race, sequential, time_scale)
+
+    # ---- the two methods --------------------------------------------------------------------
+
+    def _race(self, user, market, config: RaceConfig, index: int) -> Launch:
+        instance = Instance.objects.create(owner=user, name=f"bench-{index}-{time.time_ns()}", provider="local",
+                                           gpu_name=GPU, disk_gb=10)
+        started = time.monotonic()
+        outcome = race_run(instance.pk, config=config)
+        seconds = time.monotonic() - started
+        instance.refresh_from_db()
+        attempts = list(MachineAttempt.objects.filter(instance=instance))
+        loser_cost = sum((a.cost for a in attempts if a.outcome != MachineAttempt.Outcome.WON), Decimal(0))
+        launch = Launch(seconds=seconds if outcome == "won" else None, loser_cost=loser_cost, machines=len(attempts))
+        if outcome == "won":
+            winner = next(a for a in attempts if a.outcome == MachineAttempt.Outcome.WON)
+            boot_at = market.control.instance(winner.provider_instance_id)["boot_at"]
+            probe = self._ssh_round_trip(instance)
+            launch.overhead = winner.ready_at.timestamp() - boot_at - probe
+        transition(instance.pk, Status.DESTROYING, message="benchmark done")
+        lifecycle.instance_destroy_run(instance.pk)
+        return launch
+
+    def _sequential(self, market, config: RaceConfig) -> Launch:
+        provider = market.provider()
+        offers = provider.search_offers(OfferQuery(gpu_name=GPU))  # cheapest first, as the peers do
+        keys = (control_plane_public_key(),)
+        started = time.monotonic()
+        loser_cost = Decimal(0)
+        for tries, offer in enumerate(offers[: config.batch_size * config.max_rounds], start=1):
+            rented_at = time.monotonic()
+            try:
+                machine = provider.create(offer, LaunchRequest(label=f"bench-seq-{time.time_ns()}", image="bench",
+                                                               disk_gb=10, ssh_public_keys=keys))
+            except ProviderError:
+                continue
+            ready = self._wait_ready(provider, machine.instance_id, rented_at + config.machine_timeout, config)
+            provider.destroy(machine.instance_id)
+            if ready:
+                return Launch(seconds=time.monotonic() - started, loser_cost=loser_cost, machines=tries)
+            loser_cost += offer.price_per_hour * Decimal(str(time.monotonic() - rented_at)) / 3600
+        return Launch(seconds=None, loser_cost=loser_cost, machines=config.batch_size * config.max_rounds)
+
+    def _wait_ready(self, provider, machine_id: str, deadline: float, config: RaceConfig) -> bool:
+        while time.monotonic() < deadline:
+            machine = provider.get(machine_id)
+            if machine.status in ("failed", "gone"):
+                return False
+            if machine.ssh_ready:
+                target = SSHTarget(machine.ssh_host, machine.ssh_port, machine.ssh_user, machine.ssh_host_key)
+                try:
+                    with wait_for_ssh(target, control_plane_key_path(), min(deadline, time.monotonic()
+                                                                             + config.ssh_timeout)) as session:
+                        return session.run(["true"], timeout=10).ok
+                except SSHError:
+                    return False
+            time.sleep(config.poll_interval)
+        return False
+
+    def _ssh_round_trip(self, instance: Instance) -> float:
+        target = SSHTarget(instance.ssh_host, instance.ssh_port, instance.ssh_user, instance.ssh_host_key)
+        started = time.monotonic()
+        with connect(target, control_plane_key_path()) as session:
+            session.run(["true"], timeout=10)
+        return time.monotonic() - started
+
+    def _clean_up(self, user) -> None:
+        with transaction.atomic():
+            instances = Instance.objects.filter(owner=user)
+            MachineAttempt.objects.filter(instance__in=instances).delete()
+            instances.delete()
+            bench_hosts = [str(FIRST_MACHINE_ID + i) for i in range(1000)]
+            MachineStats.objects.filter(provider="local", host_id__in=bench_hosts).delete()
+            MachineBlacklist.objects.filter(provider="local", host_id__in=bench_hosts).delete()
+            user.delete()
+
+    # ---- report ---------------------------------------------------------------------------
+
+    def _report(self, race: list[Launch], sequential: list[Launch], time_scale: float) -> None:
+        def figures(launches: list[Launch]) -> dict:
+            ready = [launch.seconds for launch in launches if launch.seconds is not None]
+            return {
+                "median": statistics.median(ready) if ready else float("nan"),
+                "p90": percentile(ready, 0.9) if ready else float("nan"),
+                "failed": 1 - len(ready) / len(launches),
+                "loser_cost": sum((launch.loser_cost for launch in launches), Decimal(0)) / len(launches),
+                "machines": statistics.mean(launch.machines for launch in launches),
+            }
+
+        r, s = figures(race), figures(sequential)
+        w = self.stdout.write
+        w("")
+        w(f"{'':28}{'race':>12}{'sequential':>12}{'ratio':>9}")
+        w(f"{'median time-to-ready (s)':28}{r['median']:>12.2f}{s['median']:>12.2f}{r['median'] / s['median']:>9.2f}")
+        w(f"{'p90 time-to-ready (s)':28}{r['p90']:>12.2f}{s['p90']:>12.2f}{r['p90'] / s['p90']:>9.2f}")
+        w(f"{'failed launches':28}{r['failed']:>12.0%}{s['failed']:>12.0%}")
+        w(f"{'machines rented per launch':28}{r['machines']:>12.1f}{s['machines']:>12.1f}")
+        w(f"{'non-winner cost per launch':28}{'$' + format(r['loser_cost'], '.5f'):>12}"
+          f"{'$' + format(s['loser_cost'], '.5f'):>12}")
+        overheads = [launch.overhead for launch in race if launch.overhead is not None]
+        if overheads:
+            w(f"race overhead over the winner's own boot + first SSH answer: median {statistics.median(overheads):.3f}s"
+              f", p90 {percentile(overheads, 0.9):.3f}s (goal: median < 1 s)")
+        w(f"in vast.ai time (/ {time_scale}): race median {r['median'] / time_scale:.0f}s, "
+          f"sequential median {s['median'] / time_scale:.0f}s (the overhead above is not scaled)")
+
+
+BENCHMARKS = {"race": RaceBenchmark}
