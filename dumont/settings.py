@@ -209,6 +209,9 @@ RECONCILE_INTERVAL_SECONDS = env.int("RECONCILE_INTERVAL_SECONDS", default=60)
 # pending/launching/destroying work untouched this long, with no worker holding its lock, is re-enqueued
 RECONCILE_STALE_SECONDS = env.float("RECONCILE_STALE_SECONDS", default=30.0)
 
+# Object storage price used in the savings ledger (Cloudflare R2 standard: $0.015/GB-month).
+SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH = env.float("SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH", default=0.015)
+
 # ---- Machine reliability (machines/reliability.py) ----
 RELIABILITY_WINDOW_HOURS = env.int("RELIABILITY_WINDOW_HOURS", default=72)
 RELIABILITY_MIN_ATTEMPTS = env.int("RELIABILITY_MIN_ATTEMPTS", default=3)

@@ -101,6 +101,7 @@ def instance_resume_run(instance_id: int) -> str:
                                message=f"resume: SSH did not answer ({exc}); the machine stays paused")
             return "ssh-failed"
         transition(instance.pk, Status.RUNNING, expected=Status.PAUSED, message="resumed",
+                   data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name},
                    ssh_host=machine.ssh_host, ssh_port=machine.ssh_port)
         return "running"
 

@@ -355,7 +355,8 @@ class _Race:
             self.instance = transition(
                 self.instance.pk, Status.RUNNING, expected=Status.LAUNCHING,
                 message=f"running on {winner.host_id} after {seconds:.1f}s (round {winner.round})",
-                data={"attempt": winner.pk, "host": winner.host_id, "seconds_to_ready": round(seconds, 3)},
+                data={"attempt": winner.pk, "host": winner.host_id, "seconds_to_ready": round(seconds, 3),
+                      "price_per_hour": str(machine_price), "gpu_name": winner.gpu_name},
                 provider_instance_id=winner.provider_instance_id, host_id=winner.host_id,
                 ssh_host=ready.target.host, ssh_port=ready.target.port, ssh_user=ready.target.user,
                 ssh_host_key=ready.target.host_key, price_per_hour=machine_price, machine_started_at=ready_at,

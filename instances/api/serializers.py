@@ -77,3 +77,80 @@ class InstanceCreateSerializer(serializers.Serializer):
 class EventQuerySerializer(serializers.Serializer):
     after = serializers.IntegerField(required=False, min_value=0)
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=500)
+
+
+class DaysSerializer(serializers.Serializer):
+    days = serializers.IntegerField(required=False, min_value=1, max_value=366, default=30)
+
+
+def _money():
+    return serializers.DecimalField(max_digits=14, decimal_places=6)
+
+
+def _hours():
+    return serializers.DecimalField(max_digits=14, decimal_places=4)
+
+
+class SavingsTotalsSerializer(serializers.Serializer):
+    hours_hibernated = _hours()
+    gross_savings = _money()
+    storage_cost = _money()
+    race_cost = _money()
+    net_savings = _money()
+
+
+class InstanceSavingsSerializer(SavingsTotalsSerializer):
+    instance = serializers.IntegerField()
+    gpu_name = serializers.CharField()
+
+
+class GpuSavingsSerializer(serializers.Serializer):
+    gpu_name = serializers.CharField()
+    hours_hibernated = _hours()
+    net_savings = _money()
+
+
+class DailySavingsSerializer(serializers.Serializer):
+    date = serializers.DateField()
+    net_savings = _money()
+
+
+class SavingsSerializer(serializers.Serializer):
+    days = serializers.IntegerField()
+    since = serializers.DateTimeField()
+    until = serializers.DateTimeField()
+    totals = SavingsTotalsSerializer()
+    projected_month = _money()
+    per_instance = InstanceSavingsSerializer(many=True)
+    per_gpu = GpuSavingsSerializer(many=True)
+    daily = DailySavingsSerializer(many=True)
+
+
+class TimingSerializer(serializers.Serializer):
+    count = serializers.IntegerField()
+    median_seconds = serializers.FloatField()
+    max_seconds = serializers.FloatField()
+
+
+class SpendSerializer(serializers.Serializer):
+    machines = _money()
+    race_losers = _money()
+    total = _money()
+
+
+class RaceMetricsSerializer(serializers.Serializer):
+    launches = serializers.IntegerField()
+    median_seconds_to_ready = serializers.FloatField(allow_null=True)
+    p90_seconds_to_ready = serializers.FloatField(allow_null=True)
+    machines_rented = serializers.IntegerField()
+    loser_cost = _money()
+
+
+class MetricsSerializer(serializers.Serializer):
+    days = serializers.IntegerField()
+    instances_by_state = serializers.DictField(child=serializers.IntegerField())
+    gpu_hours = _hours()
+    spend = SpendSerializer()
+    race = RaceMetricsSerializer()
+    wake = serializers.DictField(child=TimingSerializer(allow_null=True))
+    restore = TimingSerializer(allow_null=True)

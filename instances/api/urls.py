@@ -7,6 +7,8 @@ router = Router()
 router.register("instances", views.InstanceViewSet, basename="instance")
 
 urlpatterns = [
+    path("metrics", views.MetricsView.as_view(), name="metrics"),
+    path("metrics/savings/real", views.SavingsView.as_view(), name="savings"),
     path("standby", views.StandbyConfigView.as_view(), name="standby"),
     *router.urls,
 ]

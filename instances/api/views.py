@@ -4,13 +4,16 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from instances import selectors, services
+from instances import metrics, selectors, services
 from instances.api.serializers import (
+    DaysSerializer,
     EventQuerySerializer,
     InstanceCreateSerializer,
     InstanceDetailSerializer,
     InstanceEventSerializer,
     InstanceSerializer,
+    MetricsSerializer,
+    SavingsSerializer,
     StandbyConfigSerializer,
 )
 from instances.filters import InstanceFilter
@@ -65,6 +68,24 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             limit=params.validated_data["limit"],
         )
         return Response(InstanceEventSerializer(events, many=True).data)
+
+
+class MetricsView(APIView):
+    @extend_schema(parameters=[DaysSerializer], responses=MetricsSerializer)
+    def get(self, request):
+        days = DaysSerializer(data=request.query_params)
+        days.is_valid(raise_exception=True)
+        return Response(MetricsSerializer(metrics.fleet_metrics(user=request.user, **days.validated_data)).data)
+
+
+class SavingsView(APIView):
+    """Dollars actually saved by hibernation, from the event ledger (see instances/metrics.py)."""
+
+    @extend_schema(parameters=[DaysSerializer], responses=SavingsSerializer)
+    def get(self, request):
+        days = DaysSerializer(data=request.query_params)
+        days.is_valid(raise_exception=True)
+        return Response(SavingsSerializer(metrics.savings_report(user=request.user, **days.validated_data)).data)
 
 
 class StandbyConfigView(APIView):
