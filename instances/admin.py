@@ -3,7 +3,6 @@ from django.template.response import TemplateResponse
 from django.urls import path
 
 from instances import metrics
-
 from instances.models import Instance, InstanceEvent, StandbyConfig
 from machines.models import MachineAttempt
 

@@ -1,6 +1,6 @@
 """Savings and metrics on a hand-built ledger, checked against the hand computation."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -12,7 +12,7 @@ from snapshots.models import SnapshotRepository
 from tests.factories import make_instance
 
 pytestmark = pytest.mark.django_db
-T0 = datetime(2026, 11, 20, 20, 0, tzinfo=timezone.utc)  # 20:00 UTC: the hibernation spans midnight
+T0 = datetime(2026, 11, 20, 20, 0, tzinfo=UTC)  # 20:00 UTC: the hibernation spans midnight
 
 
 def status_event(instance, at, frm, to, **data):
