@@ -15,10 +15,10 @@ class AgentCredentialAdmin(admin.ModelAdmin):
 
 @admin.register(Heartbeat)
 class HeartbeatAdmin(admin.ModelAdmin):
-    list_display = ["id", "instance", "gpu_util", "agent_time", "received_at"]
+    list_display = ["id", "instance", "gpu_util", "agent_state", "agent_time", "received_at"]
     list_filter = ["received_at"]
     search_fields = ["instance__name"]
-    readonly_fields = ["instance", "gpu_util", "gpu_metrics", "sync", "agent_time", "received_at"]
+    readonly_fields = ["instance", "gpu_util", "gpu_metrics", "sync", "agent_state", "agent_time", "received_at", "nonce"]
     date_hierarchy = "received_at"
 
     def has_add_permission(self, request):

@@ -19,12 +19,20 @@ class AgentCredential(models.Model):
 
 
 class Heartbeat(models.Model):
+    """One authenticated heartbeat, written in batches from the Redis buffer (agent.buffer)."""
+
     instance = models.ForeignKey("instances.Instance", on_delete=models.CASCADE, related_name="heartbeats")
-    gpu_util = models.FloatField(help_text="Max utilization over the machine's GPUs, percent.")
+    gpu_util = models.FloatField(
+        null=True, blank=True,
+        help_text="Max utilization over the machine's GPUs, percent. Empty: no reading (never idleness).",
+    )
     gpu_metrics = models.JSONField(default=dict, blank=True, help_text="Per-GPU utilization, memory, temperature.")
     sync = models.JSONField(default=dict, blank=True, help_text="The agent's sync service state.")
+    agent_state = models.CharField(max_length=32, blank=True, help_text="running, preparing_hibernate, hibernate_ready.")
     agent_time = models.DateTimeField(null=True, blank=True, help_text="When the agent took the reading.")
     received_at = models.DateTimeField(db_index=True)
+    # The request's nonce: a flush that runs twice (crash between insert and ack) inserts nothing twice.
+    nonce = models.CharField(max_length=64, null=True, blank=True, unique=True)
 
     class Meta:
         ordering = ["-received_at"]
@@ -32,4 +40,5 @@ class Heartbeat(models.Model):
         indexes = [models.Index(fields=["instance", "-received_at"], name="heartbeat_instance_recent")]
 
     def __str__(self) -> str:
-        return f"heartbeat of {self.instance_id} at {self.received_at:%H:%M:%S}: {self.gpu_util}%"
+        util = "no reading" if self.gpu_util is None else f"{self.gpu_util}%"
+        return f"heartbeat of {self.instance_id} at {self.received_at:%H:%M:%S}: {util}"

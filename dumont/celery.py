@@ -18,6 +18,7 @@ def _beat_schedule() -> dict:
 
     prune_every = settings.HEARTBEAT_PRUNE_INTERVAL_SECONDS
     reconcile_every = settings.RECONCILE_INTERVAL_SECONDS
+    flush_every = settings.AGENT_FLUSH_INTERVAL_SECONDS
     return {
         "reconcile-machines": {
             "task": "instances.tasks.reconcile",
@@ -29,6 +30,11 @@ def _beat_schedule() -> dict:
             "schedule": float(prune_every),
             # a backlog of sweeps is dropped, not replayed
             "options": {"expires": prune_every},
+        },
+        "flush-heartbeats": {
+            "task": "agent.tasks.flush_heartbeats",
+            "schedule": float(flush_every),
+            "options": {"expires": flush_every},
         },
     }
 

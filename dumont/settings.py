@@ -162,7 +162,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=900)
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=960)
 CELERY_MAX_RETRY_DELAY = env.int("CELERY_MAX_RETRY_DELAY", default=600)
-CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=3600)
+CELERY_VISIBILITY_TIMEOUT = env.int("CELERY_VISIBILITY_TIMEOUT", default=7200)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": CELERY_VISIBILITY_TIMEOUT,
     "global_keyprefix": f"{REDIS_KEY_PREFIX}:",
@@ -209,6 +209,19 @@ RECONCILE_INTERVAL_SECONDS = env.int("RECONCILE_INTERVAL_SECONDS", default=60)
 # pending/launching/destroying work untouched this long, with no worker holding its lock, is re-enqueued
 RECONCILE_STALE_SECONDS = env.float("RECONCILE_STALE_SECONDS", default=30.0)
 
+# ---- Auto-hibernation and wake (instances/hibernation.py) ----
+IDLE_GPU_THRESHOLD_PERCENT = env.float("IDLE_GPU_THRESHOLD_PERCENT", default=5.0)
+IDLE_WINDOW_SECONDS = env.float("IDLE_WINDOW_SECONDS", default=180.0)
+# heartbeats further apart than this are a gap (never idleness); the agent beats every 10 s
+HEARTBEAT_MAX_GAP_SECONDS = env.float("HEARTBEAT_MAX_GAP_SECONDS", default=30.0)
+HIBERNATION_SWEEP_SECONDS = env.float("HIBERNATION_SWEEP_SECONDS", default=15.0)
+HIBERNATE_RETRY_BASE_SECONDS = env.float("HIBERNATE_RETRY_BASE_SECONDS", default=60.0)
+HIBERNATE_RETRY_MAX_SECONDS = env.float("HIBERNATE_RETRY_MAX_SECONDS", default=3600.0)
+HIBERNATION_RELEASE_SECONDS = env.float("HIBERNATION_RELEASE_SECONDS", default=1800.0)
+
+# Where DumontAgent on a machine posts its heartbeats (this server's public URL in production).
+AGENT_CONTROL_PLANE_URL = env.str("AGENT_CONTROL_PLANE_URL", default="http://127.0.0.1:8000")
+
 # Object storage price used in the savings ledger (Cloudflare R2 standard: $0.015/GB-month).
 SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH = env.float("SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH", default=0.015)
 
@@ -242,18 +255,15 @@ if PRODUCTION:
     CSRF_COOKIE_SECURE = True
 
 # ---- Snapshots: restic on the GPU machine, to S3-compatible storage (Cloudflare R2 in production) ----
-# Development default: the embedded S3 server (`python -m dumont.s3server --port 9100 --dir .dumont/s3`).
-SNAPSHOT_S3_ENDPOINT = env.str("SNAPSHOT_S3_ENDPOINT") if PRODUCTION else env.str(
-    "SNAPSHOT_S3_ENDPOINT", default="http://127.0.0.1:9100"
-)
+# Development defaults: the embedded S3 server (`python -m dumont.s3server --port 9100 --dir .dumont/s3`).
+# Production has no default: unset, every snapshot fails with "object storage is not configured".
+SNAPSHOT_S3_ENDPOINT = env.str("SNAPSHOT_S3_ENDPOINT", default="" if PRODUCTION else "http://127.0.0.1:9100")
 SNAPSHOT_S3_BUCKET = env.str("SNAPSHOT_S3_BUCKET", default="dumont-snapshots")
 SNAPSHOT_S3_REGION = env.str("SNAPSHOT_S3_REGION", default="auto")  # R2 wants "auto"
-# The control plane's own key: bucket setup, sizes, deletes. Never sent to a machine (see below).
-SNAPSHOT_S3_ACCESS_KEY_ID = env.str("SNAPSHOT_S3_ACCESS_KEY_ID") if PRODUCTION else env.str(
-    "SNAPSHOT_S3_ACCESS_KEY_ID", default="dumont-dev-access-key"
-)
-SNAPSHOT_S3_SECRET_ACCESS_KEY = env.str("SNAPSHOT_S3_SECRET_ACCESS_KEY") if PRODUCTION else env.str(
-    "SNAPSHOT_S3_SECRET_ACCESS_KEY", default="dumont-dev-secret-key-change-me"
+# The control plane's own key: bucket setup, sizes, deletes, restic init/forget/prune. Never sent to a machine.
+SNAPSHOT_S3_ACCESS_KEY_ID = env.str("SNAPSHOT_S3_ACCESS_KEY_ID", default="" if PRODUCTION else "dumont-dev-access-key")
+SNAPSHOT_S3_SECRET_ACCESS_KEY = env.str(
+    "SNAPSHOT_S3_SECRET_ACCESS_KEY", default="" if PRODUCTION else "dumont-dev-secret-key-change-me"
 )
 # What a user's machine gets to reach its repository: "scoped" (keys derived per user prefix from
 # SNAPSHOT_S3_SCOPE_SECRET: the embedded S3 server), "r2" (R2 temporary credentials limited to the
@@ -283,3 +293,22 @@ SNAPSHOT_RETENTION_INTERVAL_SECONDS = env.int("SNAPSHOT_RETENTION_INTERVAL_SECON
 SNAPSHOT_RETENTION_BATCH_SIZE = env.int("SNAPSHOT_RETENTION_BATCH_SIZE", default=200)
 # Progress events (InstanceEvent feed) at most this often during a backup or restore.
 SNAPSHOT_PROGRESS_EVENT_SECONDS = env.float("SNAPSHOT_PROGRESS_EVENT_SECONDS", default=5.0)
+
+# ---- Agent: DumontAgent heartbeats (agent/) ----
+# What the server tells every agent: seconds between heartbeats.
+AGENT_HEARTBEAT_INTERVAL_SECONDS = env.int("AGENT_HEARTBEAT_INTERVAL_SECONDS", default=10)
+# A signed heartbeat is accepted this long after its timestamp, and this far ahead of our clock.
+AGENT_SIGNATURE_MAX_AGE_SECONDS = env.int("AGENT_SIGNATURE_MAX_AGE_SECONDS", default=300)
+AGENT_CLOCK_SKEW_SECONDS = env.int("AGENT_CLOCK_SKEW_SECONDS", default=5)
+# Decrypted agent secrets stay this long in each web process's memory (never in Redis).
+AGENT_SECRET_CACHE_SECONDS = env.int("AGENT_SECRET_CACHE_SECONDS", default=60)
+AGENT_MAX_BODY_BYTES = env.int("AGENT_MAX_BODY_BYTES", default=16384)
+# Heartbeats are buffered in Redis and flushed to PostgreSQL in batches: every interval (beat) and as
+# soon as the buffer holds a batch. A batch taken by a flusher that never finished it goes back after
+# AGENT_FLUSH_STALE_SECONDS (the flush task's time limits stay below it).
+AGENT_FLUSH_INTERVAL_SECONDS = env.int("AGENT_FLUSH_INTERVAL_SECONDS", default=2)
+AGENT_FLUSH_BATCH_SIZE = env.int("AGENT_FLUSH_BATCH_SIZE", default=1000)
+AGENT_FLUSH_MAX_BATCHES = env.int("AGENT_FLUSH_MAX_BATCHES", default=100)
+AGENT_FLUSH_STALE_SECONDS = env.int("AGENT_FLUSH_STALE_SECONDS", default=120)
+# The sync service's period when the control plane deploys an agent with a sync command.
+AGENT_SYNC_INTERVAL_SECONDS = env.int("AGENT_SYNC_INTERVAL_SECONDS", default=300)

@@ -6,6 +6,8 @@ from rest_framework.permissions import AllowAny
 from dumont.core import auth_api
 
 api_v1 = [
+    # first: agents' heartbeats are most of the traffic, and each pattern tried before a match costs
+    path("", include("agent.api.urls")),
     path("auth/login", auth_api.LoginView.as_view(), name="auth-login"),
     path("auth/refresh", auth_api.RefreshView.as_view(), name="auth-refresh"),
     path("auth/logout", auth_api.LogoutView.as_view(), name="auth-logout"),

@@ -43,7 +43,10 @@ class Instance(models.Model):
     price_per_hour = models.DecimalField(max_digits=8, decimal_places=4, null=True, blank=True)
     machine_started_at = models.DateTimeField(null=True, blank=True)
 
-    keep_awake_until = models.DateTimeField(null=True, blank=True)
+    keep_awake_until = models.DateTimeField(null=True, blank=True, help_text="No auto-hibernation until then.")
+    released_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a hibernated instance's reservation was released (storage only)."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -88,18 +88,33 @@ def attempt_label(instance: Instance, attempt_id: int) -> str:
     return f"{instance.label}-{attempt_id}"
 
 
+# the statuses an instance races in: a launch, or a wake (which then restores its workspace)
+RACING = (Status.LAUNCHING, Status.WAKING)
+
+
 def race_run(instance_id: int, *, config: RaceConfig | None = None) -> str:
     """Run (or resume) the race of one instance. Returns how it ended: won, failed, cancelled, busy, skipped."""
     with advisory_lock(LOCK_NAMESPACE, instance_id) as acquired:
         if not acquired:
             return "busy"  # another delivery of this task is racing right now
-        return _Race(instance_id, config or RaceConfig.from_settings()).run()
+        return race_locked(instance_id, config=config)
+
+
+def race_locked(instance_id: int, *, config: RaceConfig | None = None, prefer_host: str = "") -> str:
+    """The race, for a caller that already holds the instance's lifecycle lock (the wake).
+
+    A launch race ends with the instance `running` (or `failed`); a wake race gives the waking instance
+    its machine and leaves the status to the wake (or, if no machine comes up, sends it back to
+    `hibernated`: its snapshot is untouched).
+    """
+    return _Race(instance_id, config or RaceConfig.from_settings(), prefer_host=prefer_host).run()
 
 
 class _Race:
-    def __init__(self, instance_id: int, config: RaceConfig):
+    def __init__(self, instance_id: int, config: RaceConfig, *, prefer_host: str = ""):
         self.instance = Instance.objects.select_related("provider_account").get(pk=instance_id)
         self.config = config
+        self.prefer_host = prefer_host
         self.pool = futures.ThreadPoolExecutor(max_workers=2 * config.batch_size + 4, thread_name_prefix="race")
         self.stop = threading.Event()
         self.creating: dict[futures.Future, MachineAttempt] = {}
@@ -114,10 +129,11 @@ class _Race:
         if status == Status.PENDING:
             self.instance = transition(self.instance.pk, Status.LAUNCHING, expected=Status.PENDING,
                                        message="launch race started")
-        elif status == Status.LAUNCHING:
-            self._event(InstanceEvent.Kind.RACE, "launch race resumed (its previous worker stopped)")
-        else:
-            return "skipped"
+        elif status not in RACING or self.instance.provider_instance_id:
+            return "skipped"  # nothing to race for (or a wake whose race already won)
+        elif MachineAttempt.objects.filter(instance=self.instance, created_at__gte=self._started_at()).exists():
+            self._event(InstanceEvent.Kind.RACE, "race resumed (its previous worker stopped)")
+        self.status = self.instance.status
         try:
             self.provider = self._client()
             self.key_path = control_plane_key_path()
@@ -175,9 +191,16 @@ class _Race:
 
     # ---- rounds and creates ------------------------------------------------------------------
 
+    def _started_at(self):
+        """This race began when the instance entered launching/waking: older attempts are other races'."""
+        return self.instance.status_changed_at
+
+    def _attempts(self):
+        return MachineAttempt.objects.filter(instance=self.instance, created_at__gte=self._started_at())
+
     def _resume(self) -> tuple[int, float]:
         """Pick up the attempts of an earlier delivery: confirm unconfirmed creates by their label."""
-        attempts = list(MachineAttempt.objects.filter(instance=self.instance).order_by("id"))
+        attempts = list(self._attempts().order_by("id"))
         if not attempts:
             return 0, time.monotonic()
         unconfirmed = [a for a in attempts if a.outcome == Outcome.PENDING]
@@ -199,7 +222,7 @@ class _Race:
 
     def _start_round(self, round_no: int) -> int:
         instance = self.instance
-        tried = set(MachineAttempt.objects.filter(instance=instance).values_list("host_id", flat=True))
+        tried = set(self._attempts().values_list("host_id", flat=True))
         banned = reliability.blacklisted_hosts(instance.provider)
         query = OfferQuery(
             gpu_name=instance.gpu_name or None,
@@ -216,7 +239,10 @@ class _Race:
             self._event(InstanceEvent.Kind.RACE, f"round {round_no}: offer search failed: {exc}", {"round": round_no})
             return 0
         chosen, hosts = [], set()
-        for rated in reliability.rate_offers(instance.provider, offers):
+        rated_offers = reliability.rate_offers(instance.provider, offers)
+        # a wake prefers the machine it hibernated from, if that host is still offered
+        rated_offers.sort(key=lambda r: r.offer.host_id != self.prefer_host)
+        for rated in rated_offers:
             host = rated.offer.host_id
             if rated.blacklisted or host in tried or host in hosts:
                 continue
@@ -273,7 +299,7 @@ class _Race:
     # ---- watching ----------------------------------------------------------------------------
 
     def _live(self) -> list[MachineAttempt]:
-        return list(MachineAttempt.objects.filter(instance=self.instance, outcome=Outcome.BOOTING).order_by("id"))
+        return list(self._attempts().filter(outcome=Outcome.BOOTING).order_by("id"))
 
     def _list_machines(self) -> dict[str, ProviderInstance] | None:
         try:
@@ -350,17 +376,25 @@ class _Race:
     def _declare_winner(self, winner: MachineAttempt, ready: SSHReady) -> None:
         ready_at = timezone.now()
         seconds = (ready_at - winner.created_at).total_seconds()
-        machine_price = winner.price_per_hour
+        machine = {
+            "provider_instance_id": winner.provider_instance_id, "host_id": winner.host_id,
+            "ssh_host": ready.target.host, "ssh_port": ready.target.port, "ssh_user": ready.target.user,
+            "ssh_host_key": ready.target.host_key, "price_per_hour": winner.price_per_hour,
+            "machine_started_at": ready_at,
+        }
+        message = f"machine {winner.host_id} ready after {seconds:.1f}s (round {winner.round})"
+        data = {"attempt": winner.pk, "host": winner.host_id, "seconds_to_ready": round(seconds, 3),
+                "price_per_hour": str(winner.price_per_hour), "gpu_name": winner.gpu_name}
         with transaction.atomic():
-            self.instance = transition(
-                self.instance.pk, Status.RUNNING, expected=Status.LAUNCHING,
-                message=f"running on {winner.host_id} after {seconds:.1f}s (round {winner.round})",
-                data={"attempt": winner.pk, "host": winner.host_id, "seconds_to_ready": round(seconds, 3),
-                      "price_per_hour": str(machine_price), "gpu_name": winner.gpu_name},
-                provider_instance_id=winner.provider_instance_id, host_id=winner.host_id,
-                ssh_host=ready.target.host, ssh_port=ready.target.port, ssh_user=ready.target.user,
-                ssh_host_key=ready.target.host_key, price_per_hour=machine_price, machine_started_at=ready_at,
-            )
+            if self.status == Status.LAUNCHING:
+                self.instance = transition(self.instance.pk, Status.RUNNING, expected=Status.LAUNCHING,
+                                           message=message, data=data, **machine)
+            else:  # a wake: the machine is the instance's now; the wake restores onto it, then says running
+                locked = Instance.objects.select_for_update().get(pk=self.instance.pk)
+                if locked.status != Status.WAKING:
+                    raise RuntimeError(f"instance {locked.pk} left waking during its race ({locked.status})")
+                Instance.objects.filter(pk=locked.pk).update(**machine)
+                self._event(InstanceEvent.Kind.WAKE, message, data)
             winner.outcome = Outcome.WON
             winner.ready_at = ready_at
             winner.seconds_to_ready = seconds
@@ -391,8 +425,10 @@ class _Race:
         return "failed"
 
     def _fail(self, reason: str) -> None:
+        # a failed wake goes back to sleep: its snapshot is untouched and a later wake can try again
+        target = Status.FAILED if self.status == Status.LAUNCHING else Status.HIBERNATED
         try:
-            transition(self.instance.pk, Status.FAILED, expected=Status.LAUNCHING, message=reason)
+            transition(self.instance.pk, target, expected=self.status, message=reason)
         except IllegalTransition:
             pass  # destroyed meanwhile: nothing to fail
         self._update_stats()
@@ -443,13 +479,13 @@ class _Race:
                         {"attempt": attempt.pk, "round": attempt.round, "outcome": outcome, "stage": stage})
 
     def _update_stats(self) -> None:
-        hosts = MachineAttempt.objects.filter(instance=self.instance).values_list("provider", "host_id").distinct()
+        hosts = self._attempts().values_list("provider", "host_id").distinct()
         for provider, host_id in hosts:
             reliability.host_stats_update(provider=provider, host_id=host_id)
 
     def _cancelled(self) -> bool:
         status = Instance.objects.filter(pk=self.instance.pk).values_list("status", flat=True).first()
-        return status != Status.LAUNCHING
+        return status != self.status
 
     def _event(self, kind: str, message: str, data: dict | None = None) -> None:
         instance_event_add(instance=self.instance, kind=kind, message=message, data=data)

@@ -4,8 +4,9 @@
    instance that holds one, or a machine of a race still deciding (its attempt is live and the instance
    is launching). Anything else is an orphan (a crashed worker's loser, a late create, a machine of a
    destroyed instance) and is destroyed.
-2. Work whose worker died is picked up again: a launching/pending instance whose race lock nobody holds
-   gets its race re-enqueued (the race resumes from its attempts), a destroying one its destroy.
+2. Work whose worker died is picked up again: a pending/launching/waking/hibernating/destroying instance
+   whose lifecycle lock nobody holds gets its task re-enqueued; each task resumes from the database
+   (a race from its attempts, a hibernation from its snapshot).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from django.utils import timezone
 
 from dumont.core.locks import advisory_lock, is_locked
 from instances.models import Instance, InstanceEvent
-from instances.race import LIVE_OUTCOMES, LOCK_NAMESPACE
+from instances.race import LIVE_OUTCOMES, LOCK_NAMESPACE, RACING
 from instances.services import instance_event_add
 from instances.states import HOLDS_MACHINE, Status
 from machines.clients import provider_client
@@ -45,7 +46,7 @@ def machine_is_owned(machine: ProviderInstance, provider: str) -> bool:
         return False
     if instance.provider_instance_id == machine.instance_id and instance.status in HOLDS_MACHINE:
         return True
-    if instance.status == Status.LAUNCHING:
+    if instance.status in RACING:
         return MachineAttempt.objects.filter(pk=attempt_id, instance=instance, outcome__in=LIVE_OUTCOMES).exists()
     return False
 
@@ -90,18 +91,22 @@ def resume_dead_work() -> list[int]:
     from instances import tasks
 
     resumed = []
+    retry = {
+        Status.PENDING: tasks.launch_race,
+        Status.LAUNCHING: tasks.launch_race,
+        Status.WAKING: tasks.wake_instance,
+        Status.DESTROYING: tasks.destroy_instance,
+        Status.HIBERNATING: tasks.hibernate_instance,  # resumes: finds or retakes the snapshot first
+    }
     stale = Instance.objects.filter(
-        status__in=(Status.PENDING, Status.LAUNCHING, Status.DESTROYING),
+        status__in=list(retry),
         # younger work may simply not have been picked up by a worker yet
         status_changed_at__lt=timezone.now() - timedelta(seconds=settings.RECONCILE_STALE_SECONDS),
     ).order_by("id")[:500]
     for instance in stale:
         if is_locked(LOCK_NAMESPACE, instance.pk):
             continue  # its worker is alive and at it
-        if instance.status == Status.DESTROYING:
-            tasks.destroy_instance.delay(instance.pk)
-        else:
-            tasks.launch_race.delay(instance.pk)
+        retry[instance.status].delay(instance.pk)
         resumed.append(instance.pk)
     return resumed
 

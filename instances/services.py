@@ -3,10 +3,12 @@ work (provider calls, SSH) runs in Celery tasks enqueued once the request's tran
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from dumont.core.errors import Conflict, InvalidInput, NotFound
 from instances.models import Instance, InstanceEvent, StandbyConfig
@@ -105,6 +107,49 @@ def instance_resume_request(*, instance: Instance) -> Instance:
                        data={"status": instance.status})
     instance_event_add(instance=instance, kind=InstanceEvent.Kind.INFO, message="resume requested")
     transaction.on_commit(lambda: tasks.resume_instance.delay(instance.pk))
+    return instance
+
+
+def instance_hibernate_request(*, instance: Instance) -> Instance:
+    """Hibernate by hand: the same path as auto-hibernation (verified snapshot first)."""
+    from instances import tasks
+
+    _require(instance, Status.HIBERNATING, "hibernate")
+    instance_event_add(instance=instance, kind=InstanceEvent.Kind.HIBERNATE, message="hibernation requested")
+    transaction.on_commit(lambda: tasks.hibernate_instance.delay(instance.pk, "manual"))
+    return instance
+
+
+def instance_wake_request(
+    *, instance: Instance, gpu_name: str | None = None, region: str | None = None,
+    max_price_per_hour: Decimal | None = None,
+) -> Instance:
+    """hibernated -> waking at once (so a second wake is a 409), then race + restore in a task.
+    The optional overrides change the instance's requested spec for this and later launches."""
+    from instances import tasks
+
+    if instance.status != Status.HIBERNATED:
+        raise Conflict(f"Cannot wake an instance that is {instance.status}.", code="invalid_state",
+                       data={"status": instance.status})
+    overrides = {name: value for name, value in
+                 {"gpu_name": gpu_name, "region": region, "max_price_per_hour": max_price_per_hour}.items()
+                 if value is not None}
+    with transaction.atomic():
+        instance = transition(instance.pk, Status.WAKING, expected=Status.HIBERNATED, message="wake requested",
+                              data={k: str(v) for k, v in overrides.items()}, released_at=None, **overrides)
+        transaction.on_commit(lambda: tasks.wake_instance.delay(instance.pk))
+    return instance
+
+
+def instance_keep_awake(*, instance: Instance, minutes: int) -> Instance:
+    """No auto-hibernation for the next `minutes` (0 lifts it)."""
+    until = timezone.now() + timedelta(minutes=minutes) if minutes else None
+    with transaction.atomic():
+        Instance.objects.select_for_update().filter(pk=instance.pk).update(keep_awake_until=until)
+        instance_event_add(instance=instance, kind=InstanceEvent.Kind.INFO,
+                           message=f"kept awake for {minutes} minutes" if minutes else "keep-awake lifted",
+                           data={"until": until.isoformat() if until else None})
+    instance.refresh_from_db()
     return instance
 
 

@@ -4,8 +4,9 @@ instance's lifecycle lock), time limits below the broker's visibility timeout.""
 from celery import shared_task
 from django.conf import settings
 
-from instances import lifecycle, race
+from instances import agent_setup, hibernation, lifecycle, race
 from instances import reconcile as reconcile_module
+from instances.models import Instance
 from machines.providers.base import RetryableError
 
 # a race lasts at most rounds x batch timeout, plus the creates and destroys around it
@@ -22,7 +23,10 @@ RETRYING = {
 
 @shared_task(soft_time_limit=RACE_TIME_LIMIT, time_limit=RACE_TIME_LIMIT + 60)
 def launch_race(instance_id: int) -> str:
-    return race.race_run(instance_id)
+    outcome = race.race_run(instance_id)
+    if outcome == "won":
+        agent_setup.agent_start(Instance.objects.get(pk=instance_id))
+    return outcome
 
 
 @shared_task(soft_time_limit=ACTION_TIME_LIMIT, time_limit=ACTION_TIME_LIMIT + 60, **RETRYING)
@@ -38,6 +42,31 @@ def pause_instance(instance_id: int) -> str:
 @shared_task(soft_time_limit=ACTION_TIME_LIMIT, time_limit=ACTION_TIME_LIMIT + 60, **RETRYING)
 def resume_instance(instance_id: int) -> str:
     return lifecycle.instance_resume_run(instance_id)
+
+
+# a hibernation snapshots the workspace first, a wake restores it: allow for a big one
+SNAPSHOT_TIME_LIMIT = int(settings.SNAPSHOT_TASK_TIME_LIMIT)
+
+
+@shared_task(soft_time_limit=SNAPSHOT_TIME_LIMIT, time_limit=SNAPSHOT_TIME_LIMIT + 60, **RETRYING)
+def hibernate_instance(instance_id: int, reason: str = "idle") -> str:
+    return hibernation.instance_hibernate_run(instance_id, reason=reason)
+
+
+@shared_task(soft_time_limit=ACTION_TIME_LIMIT, time_limit=ACTION_TIME_LIMIT + 60, **RETRYING)
+def release_instance(instance_id: int) -> str:
+    return hibernation.instance_release_run(instance_id)
+
+
+@shared_task(soft_time_limit=RACE_TIME_LIMIT + SNAPSHOT_TIME_LIMIT, time_limit=RACE_TIME_LIMIT + SNAPSHOT_TIME_LIMIT + 60,
+             **RETRYING)
+def wake_instance(instance_id: int) -> str:
+    return hibernation.instance_wake_run(instance_id)
+
+
+@shared_task(soft_time_limit=60, time_limit=90)
+def hibernation_sweep() -> dict:
+    return hibernation.hibernation_sweep()
 
 
 @shared_task(soft_time_limit=300, time_limit=360)

@@ -98,3 +98,41 @@ def celery_beat(log_dir: Path, *, env: dict | None = None):
         "beat", log_dir, env=env, ready_text="beat: Starting",
         args=("--scheduler=django_celery_beat.schedulers:DatabaseScheduler", "--pidfile=", "--max-interval=1"),
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def web_server(log_dir: Path, *, env: dict | None = None, timeout: float = 60) -> Iterator[str]:
+    """The production web server (gunicorn) on a free loopback port; yields its base URL."""
+    import urllib.request
+
+    port = free_port()
+    log_path = log_dir / "web.log"
+    command = [sys.executable, "-m", "gunicorn", "dumont.wsgi:application", "--bind", f"127.0.0.1:{port}",
+               "--workers", "1", "--threads", "8", "--access-logfile", "-"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env or subprocess_env(), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited early:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:  # noqa: S310 (loopback)
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, timeout=timeout, what="gunicorn to answer")
+        yield url
+    finally:
+        stop_process_group(process)

@@ -154,3 +154,13 @@ class MetricsSerializer(serializers.Serializer):
     race = RaceMetricsSerializer()
     wake = serializers.DictField(child=TimingSerializer(allow_null=True))
     restore = TimingSerializer(allow_null=True)
+
+
+class WakeSerializer(serializers.Serializer):
+    gpu_name = serializers.CharField(max_length=64, required=False, allow_blank=True)
+    region = serializers.CharField(max_length=64, required=False, allow_blank=True)
+    max_price_per_hour = serializers.DecimalField(max_digits=8, decimal_places=4, min_value=0, required=False)
+
+
+class KeepAwakeSerializer(serializers.Serializer):
+    minutes = serializers.IntegerField(min_value=0, max_value=7 * 24 * 60)

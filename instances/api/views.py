@@ -12,9 +12,11 @@ from instances.api.serializers import (
     InstanceDetailSerializer,
     InstanceEventSerializer,
     InstanceSerializer,
+    KeepAwakeSerializer,
     MetricsSerializer,
     SavingsSerializer,
     StandbyConfigSerializer,
+    WakeSerializer,
 )
 from instances.filters import InstanceFilter
 
@@ -56,6 +58,30 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def resume(self, request, pk=None):
         instance = services.instance_resume_request(instance=self.get_object())
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def hibernate(self, request, pk=None):
+        """Snapshot (verified) then destroy the machine, now; the workspace waits in object storage."""
+        instance = services.instance_hibernate_request(instance=self.get_object())
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=WakeSerializer, responses={202: InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def wake(self, request, pk=None):
+        """Race for a machine, restore the latest verified snapshot onto it, start the agent."""
+        body = WakeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        instance = services.instance_wake_request(instance=self.get_object(), **body.validated_data)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=KeepAwakeSerializer, responses=InstanceSerializer)
+    @action(detail=True, methods=["post"], url_path="keep-awake")
+    def keep_awake(self, request, pk=None):
+        body = KeepAwakeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        instance = services.instance_keep_awake(instance=self.get_object(), **body.validated_data)
+        return Response(InstanceSerializer(instance).data)
 
     @extend_schema(parameters=[EventQuerySerializer], responses=InstanceEventSerializer(many=True))
     @action(detail=True, methods=["get"])

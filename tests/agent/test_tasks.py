@@ -1,11 +1,14 @@
+import time
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
+from agent.auth import Agent
 from agent.models import Heartbeat
-from agent.services import heartbeats_prune
-from agent.tasks import prune_heartbeats
+from agent.services import heartbeat_record, heartbeats_prune
+from agent.tasks import flush_heartbeats, prune_heartbeats
+from tests.agent.conftest import reading
 from tests.factories import make_instance, make_user
 
 pytestmark = pytest.mark.django_db
@@ -35,3 +38,13 @@ def test_prune_is_bounded_per_run_and_the_next_run_continues():
     assert Heartbeat.objects.count() == 5
     assert heartbeats_prune(older_than=timedelta(hours=1), batch_size=10, max_batches=2) == 5
     assert not Heartbeat.objects.exists()
+
+
+def test_the_flush_task_moves_buffered_heartbeats_into_postgresql():
+    instance = make_instance(make_user(), status="running")
+    for nonce in ("a1" * 16, "b2" * 16):
+        agent = Agent(instance_id=instance.pk, instance_status="running", nonce=nonce)
+        heartbeat_record(agent=agent, heartbeat=reading(gpu_util=12.0), received_at=time.time())
+    assert flush_heartbeats() == 2
+    assert sorted(Heartbeat.objects.values_list("nonce", flat=True)) == ["a1" * 16, "b2" * 16]
+    assert flush_heartbeats() == 0

@@ -1,0 +1,104 @@
+"""Heartbeat authentication: per-instance HMAC secrets, a time window, and one-time nonces.
+
+The signature scheme itself lives in the daemon (`agent.daemon.dumont_agent.signature`), so agent
+and server can never disagree on it. Every failure is the same `AuthFailed`: the client learns
+nothing that would help it guess (which instance exists, which check failed).
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import connection
+
+from agent.daemon.dumont_agent import signature
+from agent.models import AgentCredential
+from dumont.core.fields import decrypt
+
+HEADER_INSTANCE = "HTTP_X_DUMONT_INSTANCE"
+HEADER_TIMESTAMP = "HTTP_X_DUMONT_TIMESTAMP"
+HEADER_NONCE = "HTTP_X_DUMONT_NONCE"
+HEADER_SIGNATURE = "HTTP_X_DUMONT_SIGNATURE"
+
+_NONCE = re.compile(r"[0-9a-f]{16,64}\Z")
+_SIGNATURE = re.compile(r"[0-9a-f]{64}\Z")
+_DIGITS = re.compile(r"[0-9]{1,18}\Z")
+
+
+class AuthFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Agent:
+    instance_id: int
+    instance_status: str
+    nonce: str
+
+
+# ciphertext -> (plain secret, expiry): decrypting costs more than the rest of the check, and a
+# rotated or removed credential has a new (or no) ciphertext, so it takes effect at once.
+_secrets: dict[str, tuple[str, float]] = {}
+_secrets_lock = threading.Lock()
+
+
+def _plain_secret(ciphertext: str) -> str:
+    now = time.monotonic()
+    cached = _secrets.get(ciphertext)
+    if cached is not None and cached[1] > now:
+        return cached[0]
+    secret = decrypt(ciphertext)
+    with _secrets_lock:
+        if len(_secrets) > 100_000:  # a bound, not an LRU: entries are cheap to rebuild
+            _secrets.clear()
+        _secrets[ciphertext] = (secret, now + settings.AGENT_SECRET_CACHE_SECONDS)
+    return secret
+
+
+@functools.cache
+def _credential_sql() -> str:
+    instance_table = AgentCredential._meta.get_field("instance").related_model._meta.db_table
+    return (
+        f'SELECT c.secret, i.status FROM "{AgentCredential._meta.db_table}" c'  # noqa: S608 (our table names)
+        f' JOIN "{instance_table}" i ON i.id = c.instance_id WHERE c.instance_id = %s'
+    )
+
+
+def _credential(instance_id: int) -> tuple[str, str] | None:
+    """(encrypted secret, instance status): one indexed query, fresh on every heartbeat, so the
+    answered action follows the instance's status at once. Raw SQL: the ORM would decrypt the
+    secret on every row, and its query building costs as much as the query on this hot path."""
+    with connection.cursor() as cursor:
+        cursor.execute(_credential_sql(), [instance_id])
+        return cursor.fetchone()
+
+
+def authenticate(meta: dict, body: bytes) -> Agent:
+    """Check a heartbeat's headers and signature. Raises AuthFailed; never records anything.
+
+    The nonce is only checked for reuse when the heartbeat is stored (atomically, in agent.buffer).
+    """
+    instance = meta.get(HEADER_INSTANCE, "")
+    timestamp = meta.get(HEADER_TIMESTAMP, "")
+    nonce = meta.get(HEADER_NONCE, "")
+    given = meta.get(HEADER_SIGNATURE, "")
+    if not (_DIGITS.match(instance) and _DIGITS.match(timestamp) and _NONCE.match(nonce) and _SIGNATURE.match(given)):
+        raise AuthFailed
+    age = time.time() - int(timestamp)
+    if not -settings.AGENT_CLOCK_SKEW_SECONDS <= age <= settings.AGENT_SIGNATURE_MAX_AGE_SECONDS:
+        raise AuthFailed
+    instance_id = int(instance)
+    found = _credential(instance_id)
+    if found is None:
+        raise AuthFailed
+    ciphertext, status = found
+    expected = signature(_plain_secret(ciphertext), instance_id, timestamp, nonce, body)
+    if not hmac.compare_digest(expected, given):
+        raise AuthFailed
+    return Agent(instance_id=instance_id, instance_status=status, nonce=nonce)
