@@ -82,7 +82,9 @@ DATABASES = {
     "default": env.db_url("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/dumont"),
 }
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# no health-check query per request (it doubled the database round trips of a heartbeat); Django drops
+# a broken persistent connection at the end of the request that found it broken
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DATABASE_CONN_HEALTH_CHECKS", default=False)
 # pytest-django adds the xdist worker's suffix (test_dumont_gw3); the name itself can be moved aside
 DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default="test_dumont")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -289,7 +291,7 @@ SNAPSHOT_TASK_TIME_LIMIT = SNAPSHOT_COMMAND_TIMEOUT_SECONDS + 180
 # every manual one, and always the newest verified one); the rest is forgotten and pruned.
 SNAPSHOT_KEEP_PERIODIC = env.int("SNAPSHOT_KEEP_PERIODIC", default=12)
 SNAPSHOT_KEEP_HIBERNATE = env.int("SNAPSHOT_KEEP_HIBERNATE", default=1)
-SNAPSHOT_RETENTION_INTERVAL_SECONDS = env.int("SNAPSHOT_RETENTION_INTERVAL_SECONDS", default=3600)
+SNAPSHOT_RETENTION_INTERVAL_SECONDS = env.int("SNAPSHOT_RETENTION_INTERVAL_SECONDS", default=1800)
 SNAPSHOT_RETENTION_BATCH_SIZE = env.int("SNAPSHOT_RETENTION_BATCH_SIZE", default=200)
 # Progress events (InstanceEvent feed) at most this often during a backup or restore.
 SNAPSHOT_PROGRESS_EVENT_SECONDS = env.float("SNAPSHOT_PROGRESS_EVENT_SECONDS", default=5.0)
