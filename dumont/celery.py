@@ -19,7 +19,13 @@ def _beat_schedule() -> dict:
     prune_every = settings.HEARTBEAT_PRUNE_INTERVAL_SECONDS
     reconcile_every = settings.RECONCILE_INTERVAL_SECONDS
     flush_every = settings.AGENT_FLUSH_INTERVAL_SECONDS
+    sweep_every = settings.HIBERNATION_SWEEP_SECONDS
     return {
+        "hibernation-sweep": {
+            "task": "instances.tasks.hibernation_sweep",
+            "schedule": float(sweep_every),
+            "options": {"expires": sweep_every},
+        },
         "reconcile-machines": {
             "task": "instances.tasks.reconcile",
             "schedule": float(reconcile_every),

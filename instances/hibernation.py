@@ -84,6 +84,24 @@ def _retry_allowed(instance: Instance, now: datetime) -> bool:
     return now - last_failure >= timedelta(seconds=backoff)
 
 
+def instances_idle(*, now: datetime | None = None, batch_size: int = 500) -> list[int]:
+    """Running instances whose GPU proved idle for the whole window (and whose retry backoff passed)."""
+    now = now or timezone.now()
+    window_start = now - timedelta(seconds=settings.IDLE_WINDOW_SECONDS)
+    candidates = Instance.objects.filter(status=Status.RUNNING, status_changed_at__lte=window_start).filter(
+        Q(keep_awake_until__isnull=True) | Q(keep_awake_until__lte=now)
+    ).order_by("id")[:batch_size]
+    return [i.pk for i in candidates if instance_is_idle(i, now=now) and _retry_allowed(i, now)]
+
+
+def instances_to_release(*, now: datetime | None = None, batch_size: int = 500) -> list[int]:
+    now = now or timezone.now()
+    release_before = now - timedelta(seconds=settings.HIBERNATION_RELEASE_SECONDS)
+    return list(Instance.objects.filter(status=Status.HIBERNATED, released_at__isnull=True,
+                                        status_changed_at__lte=release_before)
+                .order_by("id").values_list("id", flat=True)[:batch_size])
+
+
 def hibernation_sweep(*, batch_size: int = 500) -> dict:
     """Periodic (beat): hibernate idle instances, release long-hibernated ones. Bounded and idempotent;
     two beats running at once do nothing twice (an advisory lock, and each task re-checks under the
@@ -93,20 +111,10 @@ def hibernation_sweep(*, batch_size: int = 500) -> dict:
     with advisory_lock("hibernation-sweep", 0) as acquired:
         if not acquired:
             return {"skipped": True}
-        now = timezone.now()
-        idle = []
-        window_start = now - timedelta(seconds=settings.IDLE_WINDOW_SECONDS)
-        candidates = Instance.objects.filter(status=Status.RUNNING, status_changed_at__lte=window_start).filter(
-            Q(keep_awake_until__isnull=True) | Q(keep_awake_until__lte=now)
-        ).order_by("id")[:batch_size]
-        for instance in candidates:
-            if instance_is_idle(instance, now=now) and _retry_allowed(instance, now):
-                tasks.hibernate_instance.delay(instance.pk, "idle")
-                idle.append(instance.pk)
-        release_before = now - timedelta(seconds=settings.HIBERNATION_RELEASE_SECONDS)
-        released = list(Instance.objects.filter(status=Status.HIBERNATED, released_at__isnull=True,
-                                                status_changed_at__lte=release_before)
-                        .order_by("id").values_list("id", flat=True)[:batch_size])
+        idle = instances_idle(batch_size=batch_size)
+        for instance_id in idle:
+            tasks.hibernate_instance.delay(instance_id, "idle")
+        released = instances_to_release(batch_size=batch_size)
         for instance_id in released:
             tasks.release_instance.delay(instance_id)
         return {"hibernating": idle, "releasing": released}

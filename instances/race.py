@@ -131,9 +131,12 @@ class _Race:
                                        message="launch race started")
         elif status not in RACING or self.instance.provider_instance_id:
             return "skipped"  # nothing to race for (or a wake whose race already won)
-        elif MachineAttempt.objects.filter(instance=self.instance, created_at__gte=self._started_at()).exists():
+        elif MachineAttempt.objects.filter(instance=self.instance,
+                                           created_at__gte=self.instance.status_changed_at).exists():
             self._event(InstanceEvent.Kind.RACE, "race resumed (its previous worker stopped)")
         self.status = self.instance.status
+        # this race's attempts are those made since the instance entered launching/waking
+        self.started_at = self.instance.status_changed_at
         try:
             self.provider = self._client()
             self.key_path = control_plane_key_path()
@@ -191,12 +194,8 @@ class _Race:
 
     # ---- rounds and creates ------------------------------------------------------------------
 
-    def _started_at(self):
-        """This race began when the instance entered launching/waking: older attempts are other races'."""
-        return self.instance.status_changed_at
-
     def _attempts(self):
-        return MachineAttempt.objects.filter(instance=self.instance, created_at__gte=self._started_at())
+        return MachineAttempt.objects.filter(instance=self.instance, created_at__gte=self.started_at)
 
     def _resume(self) -> tuple[int, float]:
         """Pick up the attempts of an earlier delivery: confirm unconfirmed creates by their label."""

@@ -109,11 +109,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def web_server(log_dir: Path, *, env: dict | None = None, timeout: float = 60) -> Iterator[str]:
-    """The production web server (gunicorn) on a free loopback port; yields its base URL."""
+def web_server(log_dir: Path, *, env: dict | None = None, port: int | None = None,
+               timeout: float = 60) -> Iterator[str]:
+    """The production web server (gunicorn) on a loopback port (a free one by default); yields its URL."""
     import urllib.request
 
-    port = free_port()
+    port = port or free_port()
     log_path = log_dir / "web.log"
     command = [sys.executable, "-m", "gunicorn", "dumont.wsgi:application", "--bind", f"127.0.0.1:{port}",
                "--workers", "1", "--threads", "8", "--access-logfile", "-"]

@@ -34,9 +34,16 @@ def wait_for_status(instance: Instance, *statuses: str, timeout: float = 90) -> 
     return instance
 
 
+def wait_settled(instance: Instance) -> None:
+    """The winner is committed first, the losers are destroyed right after: wait for those too."""
+    wait_until(lambda: not MachineAttempt.objects.filter(instance=instance, outcome__in=("pending", "booting"))
+               .exists(), timeout=60, what="the race to settle its losers")
+
+
 def test_a_fast_host_among_slow_ones_wins_and_every_loser_is_destroyed(stack, api):
     instance = wait_for_status(launch(api, "RACE-FAST"), "running", "failed")
     assert instance.status == "running", instance.status_reason
+    wait_settled(instance)
     attempts = {a.host_id: a for a in MachineAttempt.objects.filter(instance=instance)}
     assert len(attempts) == 5 and {a.round for a in attempts.values()} == {1}
     assert attempts["501"].outcome == "won" and attempts["501"].seconds_to_ready > 0
@@ -80,6 +87,7 @@ def test_hanging_rounds_move_on_and_never_rent_more_than_15_machines(stack, api)
 def test_a_host_whose_ssh_never_answers_never_wins(stack, api):
     instance = wait_for_status(launch(api, "RACE-SSH"), "running", "failed")
     assert instance.status == "running" and instance.host_id == "512"
+    wait_settled(instance)
     dead = MachineAttempt.objects.get(instance=instance, host_id="511")
     assert dead.outcome in ("ssh_failed", "lost") and dead.ready_at is None and dead.destroyed_at
     assert len(stack.machines(f"{instance.label}-")) == 1

@@ -10,7 +10,7 @@ from instances.reconcile import reconcile
 from machines.models import MachineAttempt
 from machines.providers.base import LaunchRequest, OfferQuery
 from tests.e2e.conftest import CATALOGUES
-from tests.e2e.test_race import wait_for_status
+from tests.e2e.test_race import wait_for_status, wait_settled
 from tests.harness import celery_worker, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -39,8 +39,7 @@ def test_worker_killed_mid_race_then_reconcile_leaves_only_the_winner(stack_base
         assert result["resumed"] == [instance.pk] and result["destroyed"] == []
         wait_for_status(instance, "running", "failed", timeout=120)
         assert instance.status == "running", instance.status_reason
-        wait_until(lambda: not MachineAttempt.objects.filter(instance=instance, outcome__in=("pending", "booting"))
-                   .exists(), timeout=60, what="the race to settle its losers")
+        wait_settled(instance)
         reconcile()
 
     winners = MachineAttempt.objects.filter(instance=instance, outcome="won")

