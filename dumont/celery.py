@@ -20,7 +20,13 @@ def _beat_schedule() -> dict:
     reconcile_every = settings.RECONCILE_INTERVAL_SECONDS
     flush_every = settings.AGENT_FLUSH_INTERVAL_SECONDS
     sweep_every = settings.HIBERNATION_SWEEP_SECONDS
+    retention_every = settings.SNAPSHOT_RETENTION_INTERVAL_SECONDS
     return {
+        "snapshot-retention": {
+            "task": "snapshots.tasks.apply_retention_all",
+            "schedule": float(retention_every),
+            "options": {"expires": retention_every},
+        },
         "hibernation-sweep": {
             "task": "instances.tasks.hibernation_sweep",
             "schedule": float(sweep_every),

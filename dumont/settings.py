@@ -304,6 +304,9 @@ AGENT_SIGNATURE_MAX_AGE_SECONDS = env.int("AGENT_SIGNATURE_MAX_AGE_SECONDS", def
 AGENT_CLOCK_SKEW_SECONDS = env.int("AGENT_CLOCK_SKEW_SECONDS", default=5)
 # Decrypted agent secrets stay this long in each web process's memory (never in Redis).
 AGENT_SECRET_CACHE_SECONDS = env.int("AGENT_SECRET_CACHE_SECONDS", default=60)
+# Each instance's status and encrypted secret are mirrored in Redis (agent.mirror) for at most this long;
+# saves and deletes invalidate the entry at once, so this only bounds writes that bypass model signals.
+AGENT_MIRROR_TTL_SECONDS = env.int("AGENT_MIRROR_TTL_SECONDS", default=300)
 AGENT_MAX_BODY_BYTES = env.int("AGENT_MAX_BODY_BYTES", default=16384)
 # Heartbeats are buffered in Redis and flushed to PostgreSQL in batches: every interval (beat) and as
 # soon as the buffer holds a batch. A batch taken by a flusher that never finished it goes back after

@@ -2,6 +2,31 @@ from django.conf import settings
 from django.db import models
 
 from dumont.core.fields import EncryptedTextField
+from machines.ssh import SSHTarget
+
+
+class MachineAddress(models.Model):
+    """The machine a snapshot is taken from or restored to, recorded when it is requested.
+
+    A task then works on that very machine even if the instance has moved on (hibernated, woke
+    elsewhere). The host key is public: it pins the machine, it does not open it.
+    """
+
+    ssh_host = models.CharField(max_length=255, blank=True)
+    ssh_port = models.PositiveIntegerField(null=True, blank=True)
+    ssh_user = models.CharField(max_length=32, blank=True, default="root")
+    ssh_host_key = models.TextField(blank=True)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def ssh_target(self) -> SSHTarget:
+        return SSHTarget(self.ssh_host, self.ssh_port or 22, self.ssh_user or "root", self.ssh_host_key or None)
+
+    def set_ssh_target(self, target: SSHTarget) -> None:
+        self.ssh_host, self.ssh_port, self.ssh_user = target.host, target.port, target.user
+        self.ssh_host_key = target.host_key or ""
 
 
 class SnapshotRepository(models.Model):
@@ -16,6 +41,7 @@ class SnapshotRepository(models.Model):
     initialized_at = models.DateTimeField(null=True, blank=True)
     size_bytes = models.BigIntegerField(null=True, blank=True, help_text="Last measured size in object storage.")
     size_measured_at = models.DateTimeField(null=True, blank=True)
+    pruned_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -25,13 +51,13 @@ class SnapshotRepository(models.Model):
         return f"repository {self.prefix}"
 
 
-class Snapshot(models.Model):
+class Snapshot(MachineAddress):
     class Status(models.TextChoices):
         PENDING = "pending"
         RUNNING = "running"
         VERIFIED = "verified"  # restic exited 0, id parsed, listed in the repository
         FAILED = "failed"
-        DELETED = "deleted"  # forgotten by retention or by the user
+        DELETED = "deleted"  # deleted by the user or expired by retention (forgotten_at: gone from restic)
 
     class Reason(models.TextChoices):
         MANUAL = "manual"
@@ -51,12 +77,67 @@ class Snapshot(models.Model):
     file_count = models.PositiveIntegerField(null=True, blank=True)
     duration_seconds = models.FloatField(null=True, blank=True)
     verified_at = models.DateTimeField(null=True, blank=True)
+    progress = models.JSONField(default=dict, blank=True, help_text="Last backup progress: percent, bytes, files.")
+    stats = models.JSONField(default=dict, blank=True, help_text="restic's backup summary.")
     created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    forgotten_at = models.DateTimeField(null=True, blank=True, help_text="Removed from the restic repository.")
+
+    ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
 
     class Meta:
         ordering = ["-id"]
         indexes = [models.Index(fields=["instance", "status", "-created_at"])]
+        constraints = [
+            # one backup of a workspace at a time
+            models.UniqueConstraint(
+                fields=["instance"], condition=models.Q(status__in=["pending", "running"]),
+                name="one_active_snapshot_per_instance",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"snapshot #{self.pk} of instance {self.instance_id} ({self.status})"
+
+    @property
+    def tags(self) -> list[str]:
+        return [f"instance={self.instance_id}", f"reason={self.reason}", f"snapshot={self.pk}"]
+
+
+class SnapshotRestore(MachineAddress):
+    """One restore of a snapshot into an instance's workspace (a wake, or a user's request)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="snapshot_restores")
+    snapshot = models.ForeignKey(Snapshot, on_delete=models.PROTECT, related_name="restores")
+    instance = models.ForeignKey("instances.Instance", on_delete=models.PROTECT, related_name="snapshot_restores")
+    restic_snapshot_id = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    error = models.TextField(blank=True)
+    installed_restic = models.BooleanField(default=False, help_text="restic had to be copied to the machine first.")
+    duration_seconds = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["instance", "status", "-finished_at"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["instance"], condition=models.Q(status__in=["pending", "running"]),
+                name="one_active_restore_per_instance",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"restore #{self.pk} of snapshot {self.snapshot_id} into instance {self.instance_id} ({self.status})"

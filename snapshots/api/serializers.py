@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from snapshots.models import Snapshot
+from snapshots.models import Snapshot, SnapshotRestore
 
 
 class SnapshotSerializer(serializers.ModelSerializer):
@@ -10,10 +10,30 @@ class SnapshotSerializer(serializers.ModelSerializer):
         model = Snapshot
         fields = [
             "id", "instance", "restic_snapshot_id", "parent_restic_snapshot_id", "reason", "status", "verified",
-            "error", "size_bytes", "added_bytes", "file_count", "duration_seconds", "verified_at",
-            "created_at", "finished_at",
+            "error", "size_bytes", "added_bytes", "file_count", "duration_seconds", "progress", "verified_at",
+            "created_at", "started_at", "finished_at",
         ]
         read_only_fields = fields
 
     def get_verified(self, snapshot) -> bool:
         return snapshot.status == Snapshot.Status.VERIFIED
+
+
+class SnapshotCreateSerializer(serializers.Serializer):
+    instance = serializers.IntegerField(min_value=1, help_text="A running instance of yours.")
+
+
+class SnapshotRestoreRequestSerializer(serializers.Serializer):
+    instance = serializers.IntegerField(
+        min_value=1, help_text="A running instance of yours whose workspace receives the snapshot."
+    )
+
+
+class SnapshotRestoreSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = SnapshotRestore
+        fields = [
+            "id", "snapshot", "instance", "restic_snapshot_id", "status", "error", "installed_restic",
+            "duration_seconds", "created_at", "started_at", "finished_at",
+        ]
+        read_only_fields = fields

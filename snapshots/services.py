@@ -1,0 +1,503 @@
+"""Writes of the snapshots app: take, restore, delete, retention. Instance-free by design.
+
+What a service needs of an instance comes in as arguments (its id, owner and the SSH target of its
+machine): `instances` calls `snapshots`, never the other way round. Progress goes to an optional
+`on_event(kind, message, data)` callback (the Celery tasks send it out as the `snapshot_event` signal).
+
+Each run is a two-step, idempotent affair: a row is created (`pending`, with the machine it is about)
+before anything touches a machine, then `*_run` locks the row, moves it to `running` and does the work;
+a row that already finished is left alone, so a re-delivered task does nothing twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from dumont.core.errors import Conflict, NotFound
+from machines.keys import control_plane_key_path
+from machines.ssh import PrivateKeyLike, SSHError, SSHTarget, connect
+from snapshots import restic, storage
+from snapshots.models import Snapshot, SnapshotRepository, SnapshotRestore
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[str, str, dict[str, Any]], None]
+
+
+def _no_events(kind: str, message: str, data: dict[str, Any]) -> None:
+    pass
+
+
+# ---- settings -> engine -----------------------------------------------------------------------
+
+
+def restic_binary() -> str:
+    binary = settings.SNAPSHOT_RESTIC_BINARY or shutil.which("restic")
+    if not binary:
+        raise restic.ResticError("no restic on the control plane: install it or set SNAPSHOT_RESTIC_BINARY")
+    return binary
+
+
+def tuning() -> restic.Tuning:
+    return restic.Tuning(
+        connections=settings.SNAPSHOT_RESTIC_CONNECTIONS,
+        pack_size_mb=settings.SNAPSHOT_RESTIC_PACK_SIZE_MB,
+        compression=settings.SNAPSHOT_RESTIC_COMPRESSION,
+        command_timeout=settings.SNAPSHOT_COMMAND_TIMEOUT_SECONDS,
+    )
+
+
+def _local_runner() -> restic.LocalRunner:
+    return restic.LocalRunner(restic_binary(), cache_dir=Path(settings.DUMONT_DATA_DIR) / "restic-cache")
+
+
+def _control_plane_repository(repository: SnapshotRepository) -> restic.Repository:
+    return restic.Repository(
+        storage.repository_url(repository.prefix), repository.password, storage.admin_credentials(),
+        settings.SNAPSHOT_S3_REGION,
+    )
+
+
+def _machine_repository(repository: SnapshotRepository) -> restic.Repository:
+    """What a user's machine receives: its owner's repository, with storage keys for that prefix only."""
+    credentials = storage.machine_credentials(repository.prefix, ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300)
+    return restic.Repository(
+        storage.repository_url(repository.prefix), repository.password, credentials, settings.SNAPSHOT_S3_REGION
+    )
+
+
+# ---- repositories ---------------------------------------------------------------------------
+
+
+def repository_ensure(*, owner) -> SnapshotRepository:
+    """The user's repository, created (own prefix, own random password) and initialized on first use."""
+    repository = SnapshotRepository.objects.filter(owner=owner).first()
+    if repository is not None and repository.initialized_at is not None:
+        return repository
+    if repository is None:
+        try:
+            with transaction.atomic():
+                SnapshotRepository.objects.create(
+                    owner=owner, prefix=f"users/{owner.pk}/{secrets.token_hex(4)}", password=secrets.token_urlsafe(32)
+                )
+        except IntegrityError:
+            pass  # created by a concurrent first snapshot of the same user
+    with transaction.atomic():
+        repository = SnapshotRepository.objects.select_for_update().get(owner=owner)
+        if repository.initialized_at is None:
+            # under the row lock: two first snapshots of a user cannot both run `restic init`
+            storage.bucket_ensure()
+            restic.init(_local_runner(), _control_plane_repository(repository), tuning())
+            repository.initialized_at = timezone.now()
+            repository.save(update_fields=["initialized_at"])
+    return repository
+
+
+def repository_delete(*, owner) -> int:
+    """Delete a user's whole repository from storage (the user is leaving). Returns the objects deleted."""
+    repository = SnapshotRepository.objects.filter(owner=owner).first()
+    if repository is None:
+        return 0
+    if Snapshot.objects.filter(owner=owner, status__in=Snapshot.ACTIVE).exists():
+        raise Conflict("a snapshot of this user is still running")
+    deleted = storage.repository_delete(repository.prefix)
+    now = timezone.now()
+    Snapshot.objects.filter(owner=owner).exclude(status=Snapshot.Status.DELETED).update(
+        status=Snapshot.Status.DELETED, deleted_at=now
+    )
+    Snapshot.objects.filter(owner=owner, forgotten_at__isnull=True).update(forgotten_at=now)
+    repository.delete()
+    return deleted
+
+
+# ---- progress -------------------------------------------------------------------------------
+
+
+class _ProgressReporter:
+    """Saves the latest progress on the row (every second) and emits an event every few seconds."""
+
+    def __init__(self, row: Snapshot, on_event: EventCallback):
+        self.row = row
+        self.on_event = on_event
+        self.saved_at = 0.0
+        self.emitted_at = time.monotonic()
+
+    def __call__(self, progress: restic.Progress) -> None:
+        now = time.monotonic()
+        data = dataclasses.asdict(progress)
+        if now - self.saved_at >= 1.0:
+            self.saved_at = now
+            Snapshot.objects.filter(pk=self.row.pk).update(progress=data)
+        if now - self.emitted_at >= settings.SNAPSHOT_PROGRESS_EVENT_SECONDS:
+            self.emitted_at = now
+            self.on_event("snapshot", f"snapshot {self.row.pk}: {progress.percent:.0f}%", {"snapshot": self.row.pk, **data})
+
+
+# ---- snapshots ------------------------------------------------------------------------------
+
+
+def snapshot_create(*, owner, instance_id: int, target: SSHTarget, reason: str = Snapshot.Reason.MANUAL) -> Snapshot:
+    """Record the intent: a pending snapshot of that machine. One at a time per instance (409 otherwise)."""
+    if reason not in Snapshot.Reason.values:
+        raise ValueError(f"unknown snapshot reason {reason!r}")
+    if not target.host or not target.host_key:
+        raise Conflict(f"instance {instance_id} has no reachable machine (no SSH address or host key)")
+    snapshot = Snapshot(owner=owner, instance_id=instance_id, reason=reason)
+    snapshot.set_ssh_target(target)
+    try:
+        with transaction.atomic():
+            _lock_instance_workspace(instance_id)
+            if SnapshotRestore.objects.filter(instance_id=instance_id, status__in=SnapshotRestore.ACTIVE).exists():
+                raise Conflict(f"instance {instance_id} is being restored; snapshot it afterwards")
+            snapshot.save()
+    except IntegrityError:
+        raise Conflict(f"a snapshot of instance {instance_id} is already in progress") from None
+    return snapshot
+
+
+def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
+                 on_event: EventCallback | None = None) -> Snapshot:
+    """Take a pending snapshot: back up the workspace on its machine and verify it. Idempotent."""
+    on_event = on_event or _no_events
+    with transaction.atomic():
+        snapshot = Snapshot.objects.select_for_update().get(pk=snapshot_id)
+        if snapshot.status not in Snapshot.ACTIVE:
+            return snapshot  # done already (a re-delivered task)
+        # `running` here means an earlier attempt died with its worker: run it again
+        snapshot.status = Snapshot.Status.RUNNING
+        snapshot.started_at = timezone.now()
+        snapshot.save(update_fields=["status", "started_at"])
+    parent_id, after_restore = _parent_of(snapshot.instance_id)
+    on_event("snapshot", f"snapshot {snapshot.pk} started ({snapshot.reason})",
+             {"snapshot": snapshot.pk, "parent": parent_id, "after_restore": after_restore})
+    try:
+        with connect(snapshot.ssh_target, private_key or control_plane_key_path()) as session:
+            repository = repository_ensure(owner=snapshot.owner)
+            installed = restic.restic_ensure(session, local_binary=restic_binary())
+            result = restic.backup(
+                restic.RemoteRunner(session), _machine_repository(repository), tuning(),
+                host=f"instance-{snapshot.instance_id}", tags=snapshot.tags, parent_id=parent_id,
+                after_restore=after_restore, on_progress=_ProgressReporter(snapshot, on_event),
+            )
+    except (restic.ResticError, SSHError, storage.StorageError) as exc:
+        return _snapshot_failed(snapshot, exc, on_event)
+    except BaseException as exc:  # a soft time limit, a worker shutting down: never leave it "running"
+        _snapshot_failed(snapshot, exc, on_event)
+        raise
+    with transaction.atomic():
+        snapshot = Snapshot.objects.select_for_update().get(pk=snapshot_id)
+        now = timezone.now()
+        snapshot.status = Snapshot.Status.VERIFIED
+        snapshot.restic_snapshot_id = result.snapshot_id
+        snapshot.parent_restic_snapshot_id = result.parent_id
+        snapshot.size_bytes = result.total_bytes
+        snapshot.added_bytes = result.data_added
+        snapshot.file_count = result.total_files
+        snapshot.duration_seconds = round(result.duration, 3)
+        snapshot.stats = {**result.summary, "installed_restic": installed, "after_restore": after_restore}
+        snapshot.progress = {**snapshot.progress, "percent": 100.0}
+        snapshot.verified_at = snapshot.finished_at = now
+        snapshot.error = ""
+        snapshot.save()
+    on_event("snapshot", f"snapshot {snapshot.pk} verified: {result.short_id}, {result.total_bytes} bytes, "
+             f"{result.data_added} added in {result.duration:.1f}s",
+             {"snapshot": snapshot.pk, "restic_snapshot_id": result.snapshot_id, "size_bytes": result.total_bytes,
+              "added_bytes": result.data_added, "file_count": result.total_files,
+              "files_unmodified": result.files_unmodified, "duration_seconds": snapshot.duration_seconds})
+    return snapshot
+
+
+def snapshot_take(*, owner, instance_id: int, target: SSHTarget, reason: str = Snapshot.Reason.MANUAL,
+                  private_key: PrivateKeyLike | None = None, on_event: EventCallback | None = None) -> Snapshot:
+    """Create and run a snapshot now, in this process (hibernation calls this from its own task)."""
+    snapshot = snapshot_create(owner=owner, instance_id=instance_id, target=target, reason=reason)
+    return snapshot_run(snapshot_id=snapshot.pk, private_key=private_key, on_event=on_event)
+
+
+def _snapshot_failed(snapshot: Snapshot, exc: BaseException, on_event: EventCallback) -> Snapshot:
+    reason = _failure_reason(exc)
+    restic_id = exc.snapshot_id if isinstance(exc, restic.ResticError) else ""
+    Snapshot.objects.filter(pk=snapshot.pk, status__in=Snapshot.ACTIVE).update(
+        status=Snapshot.Status.FAILED, error=reason, restic_snapshot_id=restic_id, finished_at=timezone.now(),
+        verified_at=None,
+    )
+    log.warning("snapshot %s failed: %s", snapshot.pk, reason)
+    on_event("snapshot", f"snapshot {snapshot.pk} failed: {reason}", {"snapshot": snapshot.pk, "error": reason})
+    snapshot.refresh_from_db()
+    return snapshot
+
+
+def _failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, restic.ResticError):
+        return exc.reason
+    if isinstance(exc, SSHError):
+        return f"SSH: {exc}"
+    if isinstance(exc, storage.StorageError):
+        return exc.detail
+    return f"interrupted: {type(exc).__name__}: {exc}"[:500]
+
+
+def _parent_of(instance_id: int) -> tuple[str, bool]:
+    """The snapshot this workspace last matched, and whether that was a restore (new inodes and ctimes)."""
+    last_snapshot = (
+        Snapshot.objects.filter(instance_id=instance_id, status=Snapshot.Status.VERIFIED)
+        .order_by("-finished_at").first()
+    )
+    last_restore = (
+        SnapshotRestore.objects.filter(
+            instance_id=instance_id, status=SnapshotRestore.Status.SUCCEEDED,
+            snapshot__status=Snapshot.Status.VERIFIED,  # a forgotten parent would make restic fail
+        ).order_by("-finished_at").first()
+    )
+    if last_restore and (last_snapshot is None or last_restore.finished_at > last_snapshot.finished_at):
+        return last_restore.restic_snapshot_id, True
+    if last_snapshot:
+        return last_snapshot.restic_snapshot_id, False
+    return "", False
+
+
+def _lock_instance_workspace(instance_id: int) -> None:
+    """Serialize "is anything running on this workspace?" checks (transaction-scoped advisory lock)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext('snapshots.workspace'), %s)", [instance_id])
+
+
+def snapshot_delete(*, owner, snapshot_id: int) -> Snapshot:
+    """Hide the snapshot at once; retention forgets it from restic (which needs the repository's lock)."""
+    with transaction.atomic():
+        snapshot = (
+            Snapshot.objects.select_for_update().filter(owner=owner, pk=snapshot_id)
+            .exclude(status=Snapshot.Status.DELETED).first()
+        )
+        if snapshot is None:
+            raise NotFound(f"No snapshot {snapshot_id}.")
+        if snapshot.status in Snapshot.ACTIVE:
+            raise Conflict(f"snapshot {snapshot_id} is {snapshot.status}; delete it once it has finished",
+                           data={"status": snapshot.status})
+        if SnapshotRestore.objects.filter(snapshot=snapshot, status__in=SnapshotRestore.ACTIVE).exists():
+            raise Conflict(f"snapshot {snapshot_id} is being restored", data={"status": snapshot.status})
+        snapshot.status = Snapshot.Status.DELETED
+        snapshot.deleted_at = timezone.now()
+        snapshot.save(update_fields=["status", "deleted_at"])
+    return snapshot
+
+
+# ---- restores -------------------------------------------------------------------------------
+
+
+def restore_create(*, owner, snapshot_id: int | None, instance_id: int, target: SSHTarget,
+                   from_instance_id: int | None = None) -> SnapshotRestore:
+    """Record a pending restore of a verified snapshot of `owner` onto the machine `target`.
+
+    `snapshot_id` None: the newest verified snapshot of `from_instance_id` (default: `instance_id`).
+    """
+    if not target.host or not target.host_key:
+        raise Conflict(f"instance {instance_id} has no reachable machine (no SSH address or host key)")
+    owned = Snapshot.objects.filter(owner=owner).exclude(status=Snapshot.Status.DELETED)
+    if snapshot_id is None:
+        snapshot = (owned.filter(instance_id=from_instance_id or instance_id, status=Snapshot.Status.VERIFIED)
+                    .order_by("-finished_at").first())
+        if snapshot is None:
+            raise NotFound(f"instance {from_instance_id or instance_id} has no verified snapshot")
+    else:
+        snapshot = owned.filter(pk=snapshot_id).first()
+        if snapshot is None:
+            raise NotFound(f"No snapshot {snapshot_id}.")
+        if snapshot.status != Snapshot.Status.VERIFIED:
+            raise Conflict(f"snapshot {snapshot_id} is {snapshot.status}; only a verified snapshot can be restored",
+                           data={"status": snapshot.status})
+    restore = SnapshotRestore(owner=owner, snapshot=snapshot, instance_id=instance_id,
+                              restic_snapshot_id=snapshot.restic_snapshot_id)
+    restore.set_ssh_target(target)
+    try:
+        with transaction.atomic():
+            _lock_instance_workspace(instance_id)
+            if Snapshot.objects.filter(instance_id=instance_id, status__in=Snapshot.ACTIVE).exists():
+                raise Conflict(f"a snapshot of instance {instance_id} is in progress; restore it afterwards")
+            restore.save()
+    except IntegrityError:
+        raise Conflict(f"a restore into instance {instance_id} is already in progress") from None
+    return restore
+
+
+def restore_run(*, restore_id: int, private_key: PrivateKeyLike | None = None,
+                on_event: EventCallback | None = None) -> SnapshotRestore:
+    """Restore into the workspace of the recorded machine. Idempotent (a restore may simply run again)."""
+    on_event = on_event or _no_events
+    with transaction.atomic():
+        restore = SnapshotRestore.objects.select_for_update().select_related("snapshot").get(pk=restore_id)
+        if restore.status not in SnapshotRestore.ACTIVE:
+            return restore
+        restore.status = SnapshotRestore.Status.RUNNING
+        restore.started_at = timezone.now()
+        restore.save(update_fields=["status", "started_at"])
+    short_id = restore.restic_snapshot_id[:8]
+    on_event("restore", f"restore of snapshot {restore.snapshot_id} ({short_id}) started",
+             {"restore": restore.pk, "snapshot": restore.snapshot_id})
+    started = time.monotonic()
+    try:
+        with connect(restore.ssh_target, private_key or control_plane_key_path()) as session:
+            repository = repository_ensure(owner=restore.owner)
+            installed = restic.restic_ensure(session, local_binary=restic_binary())
+            restic.restore(restic.RemoteRunner(session), _machine_repository(repository), tuning(),
+                           snapshot_id=restore.restic_snapshot_id)
+    except (restic.ResticError, SSHError, storage.StorageError) as exc:
+        return _restore_failed(restore, exc, on_event)
+    except BaseException as exc:
+        _restore_failed(restore, exc, on_event)
+        raise
+    duration = round(time.monotonic() - started, 3)
+    SnapshotRestore.objects.filter(pk=restore.pk).update(
+        status=SnapshotRestore.Status.SUCCEEDED, installed_restic=installed, duration_seconds=duration,
+        finished_at=timezone.now(), error="",
+    )
+    size = restore.snapshot.size_bytes or 0
+    on_event("restore", f"restore of snapshot {restore.snapshot_id} done in {duration:.1f}s",
+             {"restore": restore.pk, "snapshot": restore.snapshot_id, "duration_seconds": duration,
+              "size_bytes": size, "mb_per_second": round(size / 1e6 / duration, 1) if duration else None})
+    restore.refresh_from_db()
+    return restore
+
+
+def snapshot_restore(*, owner, instance_id: int, target: SSHTarget, snapshot_id: int | None = None,
+                     from_instance_id: int | None = None, private_key: PrivateKeyLike | None = None,
+                     on_event: EventCallback | None = None) -> SnapshotRestore:
+    """Restore now, in this process (wake calls this): the chosen snapshot, or the newest verified one."""
+    restore = restore_create(owner=owner, snapshot_id=snapshot_id, instance_id=instance_id, target=target,
+                             from_instance_id=from_instance_id)
+    return restore_run(restore_id=restore.pk, private_key=private_key, on_event=on_event)
+
+
+def _restore_failed(restore: SnapshotRestore, exc: BaseException, on_event: EventCallback) -> SnapshotRestore:
+    reason = _failure_reason(exc)
+    SnapshotRestore.objects.filter(pk=restore.pk, status__in=SnapshotRestore.ACTIVE).update(
+        status=SnapshotRestore.Status.FAILED, error=reason, finished_at=timezone.now()
+    )
+    log.warning("restore %s failed: %s", restore.pk, reason)
+    on_event("restore", f"restore of snapshot {restore.snapshot_id} failed: {reason}",
+             {"restore": restore.pk, "snapshot": restore.snapshot_id, "error": reason})
+    restore.refresh_from_db()
+    return restore
+
+
+# ---- retention ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionResult:
+    expired: list[int]  # snapshot rows this run moved to deleted
+    forgotten: list[str]  # restic ids forgotten (and pruned)
+    skipped: str = ""  # why nothing was done (a backup holds the repository)
+
+
+def _expired(snapshots: list[Snapshot]) -> list[Snapshot]:
+    """Of one instance's verified snapshots (newest first), those retention may drop.
+
+    Kept: the newest one whatever its reason (what a wake restores), every manual one (the user
+    deletes those), the newest SNAPSHOT_KEEP_PERIODIC periodic ones and the newest
+    SNAPSHOT_KEEP_HIBERNATE hibernation (and failover) ones.
+    """
+    keep_counts = {
+        Snapshot.Reason.PERIODIC: settings.SNAPSHOT_KEEP_PERIODIC,
+        Snapshot.Reason.HIBERNATE: settings.SNAPSHOT_KEEP_HIBERNATE,
+        Snapshot.Reason.FAILOVER: settings.SNAPSHOT_KEEP_HIBERNATE,
+    }
+    seen: dict[str, int] = {}
+    expired = []
+    for index, snapshot in enumerate(snapshots):
+        if index == 0 or snapshot.reason == Snapshot.Reason.MANUAL:
+            continue
+        seen[snapshot.reason] = seen.get(snapshot.reason, 0) + 1
+        if seen[snapshot.reason] > keep_counts[snapshot.reason]:
+            expired.append(snapshot)
+    return expired
+
+
+def snapshots_apply_retention(*, owner) -> RetentionResult:
+    """Expire what the policy no longer keeps, forget it (and deleted ones) in restic, prune, measure."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_xact_lock(hashtext('snapshots.retention'), %s)", [owner.pk])
+            if not cursor.fetchone()[0]:
+                return RetentionResult([], [], skipped="another retention run of this user is running")
+        return _apply_retention(owner)
+
+
+def _apply_retention(owner) -> RetentionResult:
+    repository = SnapshotRepository.objects.filter(owner=owner, initialized_at__isnull=False).first()
+    if repository is None:
+        return RetentionResult([], [])
+    _fail_stale(owner)
+    # forget/prune take restic's exclusive lock, which a running backup or restore holds: next round
+    busy = (Snapshot.objects.filter(owner=owner, status__in=Snapshot.ACTIVE).exists()
+            or SnapshotRestore.objects.filter(owner=owner, status__in=SnapshotRestore.ACTIVE).exists())
+    if busy:
+        return RetentionResult([], [], skipped="a backup or restore of this user is running")
+
+    verified = list(Snapshot.objects.filter(owner=owner, status=Snapshot.Status.VERIFIED)
+                    .order_by("instance_id", "-finished_at", "-id"))
+    by_instance: dict[int, list[Snapshot]] = {}
+    for snapshot in verified:
+        by_instance.setdefault(snapshot.instance_id, []).append(snapshot)
+    expired = [s for group in by_instance.values() for s in _expired(group)]
+    now = timezone.now()
+    Snapshot.objects.filter(pk__in=[s.pk for s in expired], status=Snapshot.Status.VERIFIED).update(
+        status=Snapshot.Status.DELETED, deleted_at=now
+    )
+    # deleted by the user or expired above, and failed ones restic saved anyway (exit 3): not restorable
+    to_forget = Snapshot.objects.filter(
+        owner=owner, forgotten_at__isnull=True, status__in=[Snapshot.Status.DELETED, Snapshot.Status.FAILED]
+    ).exclude(restic_snapshot_id="")
+    ids = {s.pk: s.restic_snapshot_id for s in to_forget}
+    if ids:
+        restic.forget(_local_runner(), _control_plane_repository(repository), tuning(), sorted(set(ids.values())),
+                      prune=True)
+        Snapshot.objects.filter(pk__in=list(ids)).update(forgotten_at=timezone.now())
+        repository.pruned_at = timezone.now()
+    repository.size_bytes = storage.repository_size(repository.prefix)
+    repository.size_measured_at = timezone.now()
+    repository.save(update_fields=["pruned_at", "size_bytes", "size_measured_at"])
+    return RetentionResult([s.pk for s in expired], sorted(set(ids.values())))
+
+
+def snapshots_keep_latest(*, owner, instance_id: int) -> int:
+    """Keep only the instance's newest verified snapshot (a hibernation whose reservation is released).
+
+    The others leave the API at once and are forgotten from restic now, or by the next retention
+    pass if a backup of another instance holds the repository. Returns how many were dropped.
+    """
+    verified = Snapshot.objects.filter(owner=owner, instance_id=instance_id, status=Snapshot.Status.VERIFIED)
+    latest = verified.order_by("-finished_at", "-id").first()
+    if latest is None:
+        return 0
+    dropped = verified.exclude(pk=latest.pk).update(status=Snapshot.Status.DELETED, deleted_at=timezone.now())
+    if dropped:
+        try:
+            snapshots_apply_retention(owner=owner)
+        except (restic.ResticError, storage.StorageError) as exc:
+            log.warning("snapshots of instance %s not forgotten yet (retention will): %s", instance_id, exc)
+    return dropped
+
+
+def _fail_stale(owner) -> None:
+    """Rows left running by a worker that died (its task past every time limit): failed, not running forever."""
+    cutoff = timezone.now() - timedelta(seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 60)
+    reason = "interrupted: the worker running it stopped before it finished"
+    Snapshot.objects.filter(owner=owner, status__in=Snapshot.ACTIVE, created_at__lt=cutoff).update(
+        status=Snapshot.Status.FAILED, error=reason, finished_at=timezone.now()
+    )
+    SnapshotRestore.objects.filter(owner=owner, status__in=SnapshotRestore.ACTIVE, created_at__lt=cutoff).update(
+        status=SnapshotRestore.Status.FAILED, error=reason, finished_at=timezone.now()
+    )

@@ -1,0 +1,163 @@
+"""Object storage (boto3, any S3-compatible store; Cloudflare R2 in production).
+
+restic does the backups; this module does what restic does not: bucket setup, a repository's size
+(cost accounting), deleting a user's whole repository, and the credentials a user's machine gets,
+which open that user's prefix and nothing else (`machine_credentials`).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import boto3
+import requests
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from django.conf import settings
+
+from dumont.core.errors import ServiceUnavailable
+from dumont.s3server import Credentials, scope_secret_for, scoped_credentials
+
+_DELETE_BATCH = 1000  # the S3 DeleteObjects maximum
+
+
+class StorageError(ServiceUnavailable):
+    code = "storage_unavailable"
+
+
+def _configured() -> None:
+    missing = [name for name in ("SNAPSHOT_S3_ENDPOINT", "SNAPSHOT_S3_ACCESS_KEY_ID", "SNAPSHOT_S3_SECRET_ACCESS_KEY")
+               if not getattr(settings, name)]
+    if missing:
+        raise StorageError(f"object storage is not configured: set {', '.join(missing)}")
+
+
+def admin_credentials() -> Credentials:
+    _configured()
+    return Credentials(settings.SNAPSHOT_S3_ACCESS_KEY_ID, settings.SNAPSHOT_S3_SECRET_ACCESS_KEY)
+
+
+def scope_secret() -> str:
+    return scope_secret_for(settings.SNAPSHOT_S3_SCOPE_SECRET, settings.SECRET_KEY)
+
+
+@cache
+def _client(endpoint: str, region: str, key_id: str, secret: str):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+        ),
+    )
+
+
+def client():
+    credentials = admin_credentials()
+    return _client(
+        settings.SNAPSHOT_S3_ENDPOINT, settings.SNAPSHOT_S3_REGION, credentials.access_key_id,
+        credentials.secret_access_key,
+    )
+
+
+def repository_url(prefix: str) -> str:
+    """restic's name for a repository under `prefix` in the bucket."""
+    _configured()
+    return f"s3:{settings.SNAPSHOT_S3_ENDPOINT.rstrip('/')}/{settings.SNAPSHOT_S3_BUCKET}/{prefix.strip('/')}"
+
+
+def _storage_call(what: str, call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(f"object storage: {what} failed: {exc}") from exc
+
+
+def bucket_ensure() -> None:
+    s3 = client()
+    try:
+        s3.head_bucket(Bucket=settings.SNAPSHOT_S3_BUCKET)
+        return
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in {"404", "NoSuchBucket", "NotFound"}:
+            raise StorageError(f"object storage: bucket check failed: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"object storage: bucket check failed: {exc}") from exc
+    try:
+        s3.create_bucket(Bucket=settings.SNAPSHOT_S3_BUCKET)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+            raise StorageError(f"object storage: cannot create the bucket: {exc}") from exc
+
+
+def _keys_under(prefix: str):
+    paginator = client().get_paginator("list_objects_v2")
+    pages = paginator.paginate(Bucket=settings.SNAPSHOT_S3_BUCKET, Prefix=prefix.strip("/") + "/")
+    try:
+        for page in pages:
+            yield from page.get("Contents", [])
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(f"object storage: listing {prefix} failed: {exc}") from exc
+
+
+def repository_size(prefix: str) -> int:
+    """Bytes stored under the prefix: what the user's snapshots cost."""
+    return sum(item["Size"] for item in _keys_under(prefix))
+
+
+def repository_delete(prefix: str) -> int:
+    """Delete every object under the prefix; returns how many were deleted."""
+    keys = [item["Key"] for item in _keys_under(prefix)]
+    for start in range(0, len(keys), _DELETE_BATCH):
+        batch = [{"Key": key} for key in keys[start : start + _DELETE_BATCH]]
+        answer = _storage_call(
+            "delete", client().delete_objects, Bucket=settings.SNAPSHOT_S3_BUCKET,
+            Delete={"Objects": batch, "Quiet": True},
+        )
+        if answer.get("Errors"):
+            raise StorageError(f"object storage: {len(answer['Errors'])} objects under {prefix} were not deleted")
+    return len(keys)
+
+
+def machine_credentials(prefix: str, *, ttl_seconds: int) -> Credentials:
+    """Credentials for a user's machine: they open `bucket/prefix/` only (see SNAPSHOT_MACHINE_CREDENTIALS).
+
+    `ttl_seconds`: how long they must stay valid (temporary credentials expire after it).
+    """
+    mode = settings.SNAPSHOT_MACHINE_CREDENTIALS
+    scope = f"{settings.SNAPSHOT_S3_BUCKET}/{prefix.strip('/')}"
+    if mode == "scoped":
+        return scoped_credentials(scope, scope_secret())
+    if mode == "r2":
+        return _r2_temporary_credentials(prefix, ttl_seconds)
+    if mode == "shared":
+        return admin_credentials()
+    raise StorageError(f"SNAPSHOT_MACHINE_CREDENTIALS must be scoped, r2 or shared, not {mode!r}")
+
+
+def _r2_temporary_credentials(prefix: str, ttl_seconds: int) -> Credentials:
+    """R2's temporary credentials, limited to object reads and writes under the user's prefix."""
+    url = f"{settings.SNAPSHOT_R2_API_URL.rstrip('/')}/accounts/{settings.SNAPSHOT_R2_ACCOUNT_ID}/r2/temp-access-credentials"
+    body = {
+        "bucket": settings.SNAPSHOT_S3_BUCKET,
+        "parentAccessKeyId": settings.SNAPSHOT_S3_ACCESS_KEY_ID,
+        "permission": "object-read-write",
+        "prefixes": [prefix.strip("/") + "/"],
+        "ttlSeconds": ttl_seconds,
+    }
+    try:
+        response = requests.post(
+            url, json=body, timeout=15, headers={"Authorization": f"Bearer {settings.SNAPSHOT_R2_API_TOKEN}"}
+        )
+        response.raise_for_status()
+        result = response.json()["result"]
+        return Credentials(result["accessKeyId"], result["secretAccessKey"], result["sessionToken"])
+    except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        # the exception text names the URL and status, never the token
+        raise StorageError(f"R2 temporary credentials: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,147 @@
+"""Object storage: the rclone S3 server we develop and test against, the boto3 side, scoped keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from django.conf import settings
+
+from dumont.s3server import scope_secret_for, scoped_credentials
+from machines.providers.local.sshd import free_port
+from snapshots import services, storage
+from snapshots.models import Snapshot
+from tests.factories import make_instance, make_user
+from tests.harness import REPO_ROOT
+from tests.snapshots.conftest import BUCKET
+from tests.snapshots.helpers import make_workspace
+
+
+def _client(key_id: str, secret: str):
+    return boto3.client("s3", endpoint_url=settings.SNAPSHOT_S3_ENDPOINT, region_name="auto",
+                        aws_access_key_id=key_id, aws_secret_access_key=secret)
+
+
+def test_repository_size_and_delete_touch_exactly_the_prefix():
+    storage.bucket_ensure()
+    storage.bucket_ensure()  # idempotent
+    s3 = storage.client()
+    for key, size in [("users/7/ab/config", 10), ("users/7/ab/data/00/x", 1000), ("users/7/abc/config", 5)]:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x" * size)
+
+    assert storage.repository_size("users/7/ab") == 1010  # not the sibling users/7/abc
+    assert storage.repository_delete("users/7/ab") == 2
+
+    assert storage.repository_size("users/7/ab") == 0
+    assert storage.repository_size("users/7/abc") == 5
+
+
+def test_a_scoped_key_needs_its_own_secret_and_an_unknown_key_opens_nothing():
+    storage.bucket_ensure()
+    key = scoped_credentials(f"{BUCKET}/users/8/cd", settings.SNAPSHOT_S3_SCOPE_SECRET)
+    _client(key.access_key_id, key.secret_access_key).put_object(Bucket=BUCKET, Key="users/8/cd/config", Body=b"ok")
+    assert storage.repository_size("users/8/cd") == 2
+
+    forged = scoped_credentials(f"{BUCKET}/users/8/cd", "another scope secret")
+    for key_id, secret in [(forged.access_key_id, forged.secret_access_key), ("AKIAUNKNOWNKEY000000", "x" * 40)]:
+        with pytest.raises(ClientError, match="AccessDenied|SignatureDoesNotMatch|InvalidAccessKeyId"):
+            _client(key_id, secret).get_object(Bucket=BUCKET, Key="users/8/cd/config")
+    with pytest.raises(ValueError):
+        scoped_credentials(f"{BUCKET}/users/../etc", "secret")  # a scope cannot climb out of the bucket
+
+
+def test_the_development_entry_point_serves_s3_and_prints_no_secret(tmp_path):
+    port = free_port()
+    secret = "entry-point-secret-0123456789"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SNAPSHOT_")}
+    env.update(SNAPSHOT_S3_ACCESS_KEY_ID="entry-point-key", SNAPSHOT_S3_SECRET_ACCESS_KEY=secret,
+               DJANGO_SETTINGS_MODULE="dumont.settings")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dumont.s3server", "--port", str(port), "--dir", str(tmp_path / "s3")],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in line
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="auto",
+                          aws_access_key_id="entry-point-key", aws_secret_access_key=secret)
+        s3.create_bucket(Bucket="dev-bucket")
+        assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["dev-bucket"]
+        assert (tmp_path / "s3" / "buckets" / "dev-bucket").is_dir()
+        # with no SNAPSHOT_S3_SCOPE_SECRET, server and control plane derive the same one from SECRET_KEY
+        scoped = scoped_credentials("dev-bucket/users/1/x", scope_secret_for("", settings.SECRET_KEY))
+        user = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="auto",
+                            aws_access_key_id=scoped.access_key_id, aws_secret_access_key=scoped.secret_access_key)
+        user.put_object(Bucket="dev-bucket", Key="users/1/x/config", Body=b"ok")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = line + process.communicate(timeout=20)[0]
+    assert process.returncode == 0
+    assert secret not in output and scoped.secret_access_key not in output
+    rclone_left = subprocess.run(["pgrep", "-f", str(tmp_path / "s3")], capture_output=True, text=True).stdout
+    assert rclone_left == ""
+
+
+class _FakeCloudflare(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _FakeCloudflare.requests.append({"path": self.path, "auth": self.headers["Authorization"], "body": body})
+        answer = {"success": True, "result": {"accessKeyId": "tmp-id", "secretAccessKey": "tmp-secret",
+                                              "sessionToken": "tmp-token"}}
+        payload = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_r2_mode_asks_cloudflare_for_temporary_credentials_limited_to_the_prefix(settings):
+    server = HTTPServer(("127.0.0.1", 0), _FakeCloudflare)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        settings.SNAPSHOT_MACHINE_CREDENTIALS = "r2"
+        settings.SNAPSHOT_R2_API_URL = f"http://127.0.0.1:{server.server_port}/client/v4"
+        settings.SNAPSHOT_R2_ACCOUNT_ID = "acct"
+        settings.SNAPSHOT_R2_API_TOKEN = "parent-token"
+
+        credentials = storage.machine_credentials("users/9/ef", ttl_seconds=3600)
+    finally:
+        server.shutdown()
+    assert (credentials.access_key_id, credentials.secret_access_key, credentials.session_token) == (
+        "tmp-id", "tmp-secret", "tmp-token")
+    assert "tmp-secret" not in repr(credentials)
+    request = _FakeCloudflare.requests[-1]
+    assert request["path"] == "/client/v4/accounts/acct/r2/temp-access-credentials"
+    assert request["auth"] == "Bearer parent-token"
+    assert request["body"] == {"bucket": BUCKET, "parentAccessKeyId": settings.SNAPSHOT_S3_ACCESS_KEY_ID,
+                               "permission": "object-read-write", "prefixes": ["users/9/ef/"], "ttlSeconds": 3600}
+
+
+@pytest.mark.django_db
+def test_storage_that_does_not_answer_fails_the_snapshot(machines, settings):
+    owner = make_user()
+    machine = machines.start()
+    make_workspace(machine.workspace, weights_mb=0, source_files=1)
+    services.repository_ensure(owner=owner)
+    settings.SNAPSHOT_S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"  # nothing listens there any more
+
+    snapshot = services.snapshot_take(owner=owner, instance_id=make_instance(owner, status="running").pk,
+                                      target=machine.target)
+
+    assert snapshot.status == Snapshot.Status.FAILED and snapshot.verified_at is None
+    assert "connection refused" in snapshot.error and "restic exit 1" in snapshot.error
