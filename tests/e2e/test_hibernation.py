@@ -57,6 +57,7 @@ def test_idle_instance_hibernates_with_a_verified_snapshot_and_wakes_elsewhere(s
 def _hibernate_and_wake(stack, api):
     instance = launch(api, "HIB")
     machine_id, first_host = instance.provider_instance_id, instance.host_id
+    first_host_name = stack.market.control.instance(machine_id)["host"]
     workspace = workspace_of(stack, instance)
     make_workspace(workspace, weights_mb=2, source_files=30)
     expected = manifest(workspace)
@@ -80,7 +81,7 @@ def _hibernate_and_wake(stack, api):
     assert instance.provider_instance_id == "" and hibernated.data["host_id"] == first_host
 
     # the first host is gone from the market: the wake must find another and bring the workspace back
-    stack.market.control.set_host("hib-a", capacity=0)
+    stack.market.control.set_host(first_host_name, capacity=0)
     assert api.post(f"/api/v1/instances/{instance.pk}/wake", {}, format="json").status_code == 202
     assert api.post(f"/api/v1/instances/{instance.pk}/wake", {}, format="json").status_code == 409
     wait_for_status(instance, "running", "hibernated", timeout=120)
@@ -92,7 +93,7 @@ def _hibernate_and_wake(stack, api):
     assert len(stack.machines(f"{instance.label}-")) == 1
     wait_until(lambda: agent_selectors.last_heartbeat_at(instance.pk) > instance.status_changed_at, timeout=60,
                what="the new agent's heartbeats")
-    stack.market.control.set_host("hib-a", capacity=1)
+    stack.market.control.set_host(first_host_name, capacity=1)
     assert api.delete(f"/api/v1/instances/{instance.pk}").status_code == 202
     wait_for_status(instance, "destroyed")
 
