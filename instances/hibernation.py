@@ -28,9 +28,9 @@ from django.utils import timezone
 
 from dumont.core.locks import advisory_lock
 from instances import agent_setup
-from instances.lifecycle import MACHINE_FIELDS_CLEARED, Busy
+from instances.lifecycle import MACHINE_FIELDS_CLEARED, instance_locked
 from instances.models import Instance, InstanceEvent
-from instances.race import LOCK_NAMESPACE, race_locked
+from instances.race import race_locked
 from instances.services import instance_event_add
 from instances.states import Status, transition
 from machines.clients import provider_client
@@ -150,10 +150,7 @@ def _hibernation_snapshot(instance: Instance) -> Snapshot:
 
 
 def instance_hibernate_run(instance_id: int, *, reason: str = "idle") -> str:
-    with advisory_lock(LOCK_NAMESPACE, instance_id, wait_seconds=30) as acquired:
-        if not acquired:
-            raise Busy(f"instance {instance_id} is busy")
-        instance = Instance.objects.select_related("provider_account", "owner").get(pk=instance_id)
+    with instance_locked(instance_id) as instance:
         if instance.status == Status.RUNNING:
             instance = transition(instance.pk, Status.HIBERNATING, expected=Status.RUNNING,
                                   message=f"hibernating ({reason})", data={"reason": reason})
@@ -186,10 +183,7 @@ def instance_hibernate_run(instance_id: int, *, reason: str = "idle") -> str:
 
 
 def instance_release_run(instance_id: int) -> str:
-    with advisory_lock(LOCK_NAMESPACE, instance_id, wait_seconds=30) as acquired:
-        if not acquired:
-            raise Busy(f"instance {instance_id} is busy")
-        instance = Instance.objects.select_related("provider_account", "owner").get(pk=instance_id)
+    with instance_locked(instance_id) as instance:
         if instance.status != Status.HIBERNATED or instance.released_at:
             return "skipped"
         provider = provider_client(instance.provider, instance.provider_account)
@@ -211,10 +205,7 @@ def instance_release_run(instance_id: int) -> str:
 
 
 def instance_wake_run(instance_id: int) -> str:
-    with advisory_lock(LOCK_NAMESPACE, instance_id, wait_seconds=30) as acquired:
-        if not acquired:
-            raise Busy(f"instance {instance_id} is busy")
-        instance = Instance.objects.select_related("provider_account", "owner").get(pk=instance_id)
+    with instance_locked(instance_id) as instance:
         if instance.status != Status.WAKING:
             return "skipped"
         began = instance.status_changed_at

@@ -3,8 +3,10 @@ the race holds), re-checks the status it expects, and is safe to run twice."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 from django.conf import settings
 from django.utils import timezone
@@ -31,13 +33,20 @@ class Busy(Exception):
     """The lifecycle lock is held (a race is ending): the task retries later."""
 
 
-def instance_destroy_run(instance_id: int) -> str:
-    """Destroy every machine the instance has (its current one and any left from races) -> destroyed."""
-    # a race notices `destroying` within one poll interval and lets go of the lock
+@contextlib.contextmanager
+def instance_locked(instance_id: int) -> Iterator[Instance]:
+    """The instance, fresh from the database, while this task holds its lifecycle lock (the one a race
+    holds). Raises Busy if the lock stays taken: the task retries later."""
+    # a race notices a status change within one poll interval and lets go of the lock
     with advisory_lock(LOCK_NAMESPACE, instance_id, wait_seconds=30) as acquired:
         if not acquired:
             raise Busy(f"instance {instance_id} is busy")
-        instance = Instance.objects.select_related("provider_account").get(pk=instance_id)
+        yield Instance.objects.select_related("provider_account", "owner").get(pk=instance_id)
+
+
+def instance_destroy_run(instance_id: int) -> str:
+    """Destroy every machine the instance has (its current one and any left from races) -> destroyed."""
+    with instance_locked(instance_id) as instance:
         if instance.status != Status.DESTROYING:
             return "skipped"
         provider = provider_client(instance.provider, instance.provider_account)
@@ -56,10 +65,7 @@ def instance_destroy_run(instance_id: int) -> str:
 
 def instance_pause_run(instance_id: int) -> str:
     """Stop the machine (the provider keeps its disk; GPU billing stops) -> paused."""
-    with advisory_lock(LOCK_NAMESPACE, instance_id, wait_seconds=30) as acquired:
-        if not acquired:
-            raise Busy(f"instance {instance_id} is busy")
-        instance = Instance.objects.select_related("provider_account").get(pk=instance_id)
+    with instance_locked(instance_id) as instance:
         if instance.status != Status.RUNNING:
             return "skipped"
         provider = provider_client(instance.provider, instance.provider_account)
@@ -75,10 +81,7 @@ def instance_pause_run(instance_id: int) -> str:
 
 def instance_resume_run(instance_id: int) -> str:
     """Start the stopped machine again and wait until it answers SSH with its pinned key -> running."""
-    with advisory_lock(LOCK_NAMESPACE, instance_id, wait_seconds=30) as acquired:
-        if not acquired:
-            raise Busy(f"instance {instance_id} is busy")
-        instance = Instance.objects.select_related("provider_account").get(pk=instance_id)
+    with instance_locked(instance_id) as instance:
         if instance.status != Status.PAUSED:
             return "skipped"
         provider = provider_client(instance.provider, instance.provider_account)
