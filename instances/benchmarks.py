@@ -47,6 +47,23 @@ class Launch:
     overhead: float | None = None
 
 
+def clean_up(user) -> None:
+    """Remove the benchmark user's rows (and the stats of the benchmark's own hosts)."""
+    from snapshots.models import Snapshot, SnapshotRepository, SnapshotRestore
+
+    with transaction.atomic():
+        instances = Instance.objects.filter(owner=user)
+        MachineAttempt.objects.filter(instance__in=instances).delete()
+        SnapshotRestore.objects.filter(owner=user).delete()
+        Snapshot.objects.filter(owner=user).delete()
+        SnapshotRepository.objects.filter(owner=user).delete()
+        instances.delete()
+        bench_hosts = [str(FIRST_MACHINE_ID + i) for i in range(1000)]
+        MachineStats.objects.filter(provider="local", host_id__in=bench_hosts).delete()
+        MachineBlacklist.objects.filter(provider="local", host_id__in=bench_hosts).delete()
+        user.delete()
+
+
 def vast_like_catalogue(hosts: int, seed: int) -> dict:
     """Hosts whose boots look like vast.ai's: median ~60 s, heavy tail, ~20% never ready."""
     rng = random.Random(seed)
@@ -103,7 +120,7 @@ class RaceBenchmark(Benchmark):
                         sequential = [self._sequential(market, config) for _ in range(launches)]
                         race = [self._race(user, market, config, i) for i in range(launches)]
                     finally:
-                        self._clean_up(user)
+                        clean_up(user)
         self._report(race, sequential, time_scale)
 
     # ---- the two methods --------------------------------------------------------------------
@@ -170,16 +187,6 @@ class RaceBenchmark(Benchmark):
             session.run(["true"], timeout=10)
         return time.monotonic() - started
 
-    def _clean_up(self, user) -> None:
-        with transaction.atomic():
-            instances = Instance.objects.filter(owner=user)
-            MachineAttempt.objects.filter(instance__in=instances).delete()
-            instances.delete()
-            bench_hosts = [str(FIRST_MACHINE_ID + i) for i in range(1000)]
-            MachineStats.objects.filter(provider="local", host_id__in=bench_hosts).delete()
-            MachineBlacklist.objects.filter(provider="local", host_id__in=bench_hosts).delete()
-            user.delete()
-
     # ---- report ---------------------------------------------------------------------------
 
     def _report(self, race: list[Launch], sequential: list[Launch], time_scale: float) -> None:
@@ -211,4 +218,74 @@ class RaceBenchmark(Benchmark):
           f"sequential median {s['median'] / time_scale:.0f}s (the overhead above is not scaled)")
 
 
-BENCHMARKS = {"race": RaceBenchmark}
+class WakeBenchmark(Benchmark):
+    help = "hibernate then wake an instance on the local marketplace: race, restore, agent, total"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--size-gb", type=float, default=0.5, help="workspace size")
+        parser.add_argument("--wakes", type=int, default=3)
+        parser.add_argument("--time-scale", type=float, default=0.05, help="marketplace boot times x this")
+
+    def run(self, *, size_gb, wakes, time_scale, **_):
+        import secrets
+
+        from dumont.s3server import Credentials, start_s3_server
+        from instances import hibernation
+        from machines.providers.local.testing import running_marketplace
+        from snapshots.benchmarks import generate_workspace
+
+        size = int(size_gb * 1e9)
+        with tempfile.TemporaryDirectory(prefix="bench-wake-") as tmp:
+            admin = Credentials(f"bench-{secrets.token_hex(4)}", secrets.token_hex(20))
+            scope_secret = secrets.token_hex(20)
+            s3 = start_s3_server(Path(tmp) / "s3", admin=admin, scope_secret=scope_secret)
+            try:
+                with running_marketplace(tmp, time_scale=time_scale) as market, override_settings(
+                    LOCAL_MARKETPLACE_ENABLED=True, LOCAL_MARKETPLACE_URL=market.url,
+                    DUMONT_DATA_DIR=Path(tmp) / "data", DUMONT_SSH_KEY_PATH=Path(tmp) / "ssh" / "id_ed25519",
+                    AGENT_CONTROL_PLANE_URL="http://127.0.0.1:9", SNAPSHOT_S3_ENDPOINT=s3.endpoint,
+                    SNAPSHOT_S3_BUCKET="bench", SNAPSHOT_S3_ACCESS_KEY_ID=admin.access_key_id,
+                    SNAPSHOT_S3_SECRET_ACCESS_KEY=admin.secret_access_key, SNAPSHOT_MACHINE_CREDENTIALS="scoped",
+                    SNAPSHOT_S3_SCOPE_SECRET=scope_secret,
+                ):
+                    user, _ = get_user_model().objects.get_or_create(username="__benchmark__")
+                    try:
+                        self._run(user, market, size, wakes, hibernation, generate_workspace)
+                    finally:
+                        clean_up(user)
+            finally:
+                s3.stop()
+
+    def _run(self, user, market, size, wakes, hibernation, generate_workspace):
+        instance = Instance.objects.create(owner=user, name=f"wake-{time.time_ns()}", provider="local",
+                                           gpu_name="RTX 4090", disk_gb=50)
+        if race_run(instance.pk) != "won":
+            raise RuntimeError("no machine for the benchmark")
+        instance.refresh_from_db()
+        workspace = Path(market.control.instance(instance.provider_instance_id)["workspace"])
+        generate_workspace(workspace, size)
+        self.stdout.write(f"workspace {size / 1e9:.2f} GB, marketplace time scale {time_scale_of(market)}")
+        self.stdout.write(f"{'':8}{'hibernate':>11}{'race':>8}{'restore':>9}{'MB/s':>7}{'agent':>8}{'total':>8}")
+        for n in range(1, wakes + 1):
+            started = time.monotonic()
+            if hibernation.instance_hibernate_run(instance.pk, reason="benchmark") != "hibernated":
+                raise RuntimeError("hibernation failed")
+            hibernate_s = time.monotonic() - started
+            transition(instance.pk, Status.WAKING, expected=Status.HIBERNATED, message="benchmark wake")
+            if hibernation.instance_wake_run(instance.pk) != "running":
+                raise RuntimeError("wake failed")
+            timings = instance.events.filter(kind="wake", data__has_key="timings").order_by("-id").first().data["timings"]
+            self.stdout.write(
+                f"wake {n:<3}{hibernate_s:>10.1f}s{timings['race']:>7.1f}s{timings['restore']:>8.1f}s"
+                f"{size / 1e6 / timings['restore']:>7.0f}{timings['agent']:>7.1f}s{timings['total']:>7.1f}s"
+            )
+        transition(instance.pk, Status.DESTROYING, message="benchmark done")
+        lifecycle.instance_destroy_run(instance.pk)
+
+
+
+def time_scale_of(market) -> float:
+    return market.control.state()["time_scale"]
+
+
+BENCHMARKS = {"race": RaceBenchmark, "wake": WakeBenchmark}
