@@ -29,7 +29,8 @@ class Status(models.TextChoices):
 
 
 # Terminal: nothing is rented and nothing will happen on its own. A failed instance can still be
-# destroyed by its owner (which also removes its snapshots), hence failed -> destroying.
+# destroyed by its owner (to release anything a provider may still hold), hence failed -> destroying.
+# Destroying an instance keeps its snapshots: they are deleted through the snapshots API.
 TERMINAL = frozenset({Status.FAILED, Status.DESTROYED})
 ACTIVE = frozenset(set(Status) - TERMINAL)
 # A provider machine is (or may be) rented in these states.
