@@ -7,18 +7,15 @@ nothing that would help it guess (which instance exists, which check failed).
 
 from __future__ import annotations
 
-import functools
 import hmac
 import re
 import threading
 import time
 from dataclasses import dataclass
 
-from django.conf import settings
-from django.db import connection
-
+from agent import mirror
+from agent.conf import settings
 from agent.daemon.dumont_agent import signature
-from agent.models import AgentCredential
 from dumont.core.fields import decrypt
 
 HEADER_INSTANCE = "HTTP_X_DUMONT_INSTANCE"
@@ -61,26 +58,10 @@ def _plain_secret(ciphertext: str) -> str:
     return secret
 
 
-@functools.cache
-def _credential_sql() -> str:
-    instance_table = AgentCredential._meta.get_field("instance").related_model._meta.db_table
-    return (
-        f'SELECT c.secret, i.status FROM "{AgentCredential._meta.db_table}" c'  # noqa: S608 (our table names)
-        f' JOIN "{instance_table}" i ON i.id = c.instance_id WHERE c.instance_id = %s'
-    )
-
-
-def _credential(instance_id: int) -> tuple[str, str] | None:
-    """(encrypted secret, instance status): one indexed query, fresh on every heartbeat, so the
-    answered action follows the instance's status at once. Raw SQL: the ORM would decrypt the
-    secret on every row, and its query building costs as much as the query on this hot path."""
-    with connection.cursor() as cursor:
-        cursor.execute(_credential_sql(), [instance_id])
-        return cursor.fetchone()
-
-
 def authenticate(meta: dict, body: bytes) -> Agent:
-    """Check a heartbeat's headers and signature. Raises AuthFailed; never records anything.
+    """Check a heartbeat's headers and signature. Raises AuthFailed; never records anything; raises
+    redis.RedisError when Redis is unavailable (the instance's credential and status come from Redis,
+    agent.mirror, fresh: the answered action follows the instance's status at once).
 
     The nonce is only checked for reuse when the heartbeat is stored (atomically, in agent.buffer).
     """
@@ -94,7 +75,7 @@ def authenticate(meta: dict, body: bytes) -> Agent:
     if not -settings.AGENT_CLOCK_SKEW_SECONDS <= age <= settings.AGENT_SIGNATURE_MAX_AGE_SECONDS:
         raise AuthFailed
     instance_id = int(instance)
-    found = _credential(instance_id)
+    found = mirror.credential(instance_id)
     if found is None:
         raise AuthFailed
     ciphertext, status = found

@@ -11,18 +11,18 @@ That must never read as idleness, and does not: idleness needs readings *through
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import secrets
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
-from psycopg.types.json import Jsonb
 
 from agent import buffer
 from agent.auth import Agent
+from agent.conf import settings
 from agent.models import AgentCredential, Heartbeat
 from instances.models import Instance
 from instances.states import Status
@@ -86,11 +86,13 @@ def heartbeat_record(*, agent: Agent, heartbeat: dict[str, Any], received_at: fl
     return {"action": action_for_status(agent.instance_status), "interval": settings.AGENT_HEARTBEAT_INTERVAL_SECONDS}
 
 
-def _timestamp(seconds: float | None) -> datetime | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, tz=UTC)
-
-
 _COLUMNS = "instance_id, received_at, nonce, gpu_util, gpu_metrics, sync, agent_state, agent_time"
+# PostgreSQL unpacks the buffered JSON records itself: converting them row by row in Python cost more
+# CPU than PostgreSQL's whole share of the insert.
+_UNPACK = (
+    "(r->>'i')::bigint, to_timestamp((r->>'r')::float8), r->>'n', (r->>'u')::float8, r->'m',"
+    " coalesce(nullif(r->'s', 'null'::jsonb), '{}'::jsonb), r->>'a', to_timestamp((r->>'t')::float8)"
+)
 
 
 @functools.cache
@@ -98,26 +100,28 @@ def _insert_sql() -> tuple[str, str]:
     heartbeats = Heartbeat._meta.db_table
     instances = Instance._meta.db_table
     return (
-        f"CREATE TEMP TABLE IF NOT EXISTS heartbeat_batch ON COMMIT DELETE ROWS"  # noqa: S608
-        f" AS SELECT {_COLUMNS} FROM {heartbeats} WITH NO DATA",
+        "CREATE TEMP TABLE IF NOT EXISTS heartbeat_batch_json (r jsonb) ON COMMIT DELETE ROWS",
         # the join drops heartbeats of instances deleted meanwhile; the unique nonce, a batch flushed twice
-        f"INSERT INTO {heartbeats} ({_COLUMNS}) SELECT {', '.join('b.' + c for c in _COLUMNS.split(', '))}"  # noqa: S608
-        f" FROM heartbeat_batch b JOIN {instances} i ON i.id = b.instance_id ON CONFLICT (nonce) DO NOTHING",
+        f"INSERT INTO {heartbeats} ({_COLUMNS}) SELECT {_UNPACK} FROM heartbeat_batch_json b"  # noqa: S608
+        f" JOIN {instances} i ON i.id = (b.r->>'i')::bigint ON CONFLICT (nonce) DO NOTHING",
     )
 
 
-def _insert(records: list[dict[str, Any]]) -> int:
-    """Insert a batch with COPY (a tenth of what the ORM's bulk_create costs per row). Returns how
-    many rows it added."""
+def _insert(records: list[bytes] | list[dict[str, Any]]) -> int:
+    """Insert a batch of buffered records (their JSON, or parsed) with one COPY and one INSERT ...
+    SELECT (a tenth of what the ORM's bulk_create costs per row). Returns how many rows it added."""
     create, insert = _insert_sql()
+    lines = [
+        # COPY's text format: JSON has no raw tab or newline, only backslashes need escaping
+        (r if isinstance(r, bytes) else json.dumps(r, separators=(",", ":")).encode()).replace(b"\\", b"\\\\")
+        for r in records
+    ]
     for _ in range(3):
         try:
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute(create)
-                with cursor.copy(f"COPY heartbeat_batch ({_COLUMNS}) FROM STDIN") as copy:
-                    for r in records:
-                        copy.write_row((r["i"], _timestamp(r["r"]), r["n"], r["u"], Jsonb(r["m"]), Jsonb(r["s"] or {}),
-                                        r["a"], _timestamp(r["t"])))
+                with cursor.copy("COPY heartbeat_batch_json (r) FROM STDIN") as copy:
+                    copy.write(b"\n".join(lines) + b"\n")
                 cursor.execute(insert)
                 return cursor.rowcount
         except IntegrityError:  # an instance was deleted between the join and the commit
@@ -141,9 +145,9 @@ def heartbeats_flush(*, batch_size: int | None = None, max_batches: int | None =
         batch = buffer.batch_claim(batch_size)
         if batch is None:
             break
-        _insert(batch.records)
+        _insert(batch.raw)
         batch.ack()
-        flushed += len(batch.records)
+        flushed += len(batch.raw)
     return flushed
 
 

@@ -221,6 +221,11 @@ HIBERNATE_RETRY_BASE_SECONDS = env.float("HIBERNATE_RETRY_BASE_SECONDS", default
 HIBERNATE_RETRY_MAX_SECONDS = env.float("HIBERNATE_RETRY_MAX_SECONDS", default=3600.0)
 HIBERNATION_RELEASE_SECONDS = env.float("HIBERNATION_RELEASE_SECONDS", default=1800.0)
 
+# The agent's periodic incremental backup (its sync service), and how often the control plane records
+# (and verifies) the syncs agents report as periodic snapshots.
+AGENT_SYNC_ENABLED = env.bool("AGENT_SYNC_ENABLED", default=True)
+AGENT_SYNC_RECORD_SECONDS = env.int("AGENT_SYNC_RECORD_SECONDS", default=60)
+
 # Where DumontAgent on a machine posts its heartbeats (this server's public URL in production).
 AGENT_CONTROL_PLANE_URL = env.str("AGENT_CONTROL_PLANE_URL", default="http://127.0.0.1:8000")
 

@@ -2,15 +2,18 @@
 
 Agents are not users: they authenticate each heartbeat with their instance's HMAC secret
 (agent.auth), and the hot path avoids DRF's request/serializer machinery, which would cost more than
-the rest of the work together.
+the rest of the work together. In production `POST /api/v1/agent/status` does not even reach Django's
+middleware and URL resolver: dumont.wsgi sends it to agent.api.wsgi, which answers with the same
+`status_answer` as the view here (the view serves the test client and any other WSGI entry point).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import redis
-from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
@@ -18,38 +21,42 @@ from django.views.decorators.http import require_GET, require_POST
 from agent import services
 from agent.api.payload import heartbeat_parse
 from agent.auth import AuthFailed, authenticate
+from agent.conf import settings
 from dumont.core.errors import InvalidInput
 
+# One answer for every authentication failure: which check failed would help an attacker.
+UNAUTHORIZED = (401, {"error": "not_authenticated", "detail": "Authentication failed."})
+TOO_LARGE = (413, {"error": "too_large", "detail": "The heartbeat is too large."})
+# not accepted: the agent retries with backoff rather than lose the heartbeat silently
+UNAVAILABLE = (503, {"error": "unavailable", "detail": "Try again later."})
 
-def _unauthorized() -> JsonResponse:
-    # One answer for every failure: which check failed would help an attacker.
-    return JsonResponse({"error": "not_authenticated", "detail": "Authentication failed."}, status=401)
+
+def status_answer(meta: dict[str, Any], read_body: Callable[[], bytes]) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON answer) for a heartbeat: `{"action": "none" | "prepare_hibernate" |
+    "shutdown", "interval": s}` when accepted. `meta`: the WSGI environ; `read_body`: its exact bytes
+    (what was signed), read only once the size is known to be acceptable."""
+    received_at = time.time()
+    if int(meta.get("CONTENT_LENGTH") or 0) > settings.AGENT_MAX_BODY_BYTES:
+        return TOO_LARGE
+    body = read_body()
+    try:
+        agent = authenticate(meta, body)
+        heartbeat = heartbeat_parse(body)
+        return 200, services.heartbeat_record(agent=agent, heartbeat=heartbeat, received_at=received_at)
+    except (AuthFailed, services.Replay):
+        return UNAUTHORIZED
+    except InvalidInput as exc:
+        return 400, {"error": exc.code, "detail": exc.detail, **exc.data}
+    except redis.RedisError:
+        return UNAVAILABLE
 
 
 @csrf_exempt  # no cookies are involved: every request carries its own signature
 @require_POST
 def agent_status(request: HttpRequest) -> JsonResponse:
-    """A DumontAgent heartbeat: `{"action": "none" | "prepare_hibernate" | "shutdown", "interval": s}`."""
-    received_at = time.time()
-    if int(request.META.get("CONTENT_LENGTH") or 0) > settings.AGENT_MAX_BODY_BYTES:
-        return JsonResponse({"error": "too_large", "detail": "The heartbeat is too large."}, status=413)
-    body = request.body  # the exact bytes that were signed
-    try:
-        agent = authenticate(request.META, body)
-    except AuthFailed:
-        return _unauthorized()
-    try:
-        heartbeat = heartbeat_parse(body)
-    except InvalidInput as exc:
-        return JsonResponse({"error": exc.code, "detail": exc.detail, **exc.data}, status=400)
-    try:
-        answer = services.heartbeat_record(agent=agent, heartbeat=heartbeat, received_at=received_at)
-    except services.Replay:
-        return _unauthorized()
-    except redis.RedisError:
-        # not accepted: the agent retries with backoff rather than lose the heartbeat silently
-        return JsonResponse({"error": "unavailable", "detail": "Try again later."}, status=503)
-    return JsonResponse(answer)
+    """A DumontAgent heartbeat (see status_answer)."""
+    status, answer = status_answer(request.META, lambda: request.body)
+    return JsonResponse(answer, status=status)
 
 
 @require_GET

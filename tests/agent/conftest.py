@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent import buffer
+from agent import buffer, mirror
 from agent.daemon.dumont_agent import signature
 from agent.services import agent_credential_issue
 from tests.factories import make_instance, make_user
@@ -51,8 +51,8 @@ def agent_keys() -> list[bytes]:
 
 @pytest.fixture(autouse=True)
 def _empty_agent_redis():
-    """Each test starts with no agent state in this worker's Redis namespace."""
-    keys = agent_keys()
+    """Each test starts with no agent state in this worker's Redis namespace (mirror included)."""
+    keys = agent_keys() + list(buffer.client().scan_iter(match=mirror._key("*")))
     if keys:
         buffer.client().delete(*keys)
 

@@ -159,5 +159,9 @@ def test_the_config_file_holds_the_secret_and_the_command_line_does_not(live_ser
     with agent_running(tmp_path / "agent", url=live_server.url, instance_id=instance.pk, secret=secret) as agent:
         latest_where(instance, lambda h: True, "a heartbeat")
         cmdline = open(f"/proc/{agent.process.pid}/cmdline", "rb").read().decode()
-        state = json.loads((tmp_path / "agent" / "state.json").read_text())
+        state_file = tmp_path / "agent" / "state.json"
+        # the agent writes its state once the answer is in, a moment after the server buffered the heartbeat
+        wait_until(lambda: state_file.exists() and json.loads(state_file.read_text()).get("action"), timeout=10,
+                   what="the agent's state with the answered action")
+        state = json.loads(state_file.read_text())
     assert secret not in cmdline and state["pid"] == agent.process.pid and state["action"] == "none"
