@@ -21,7 +21,13 @@ def _beat_schedule() -> dict:
     flush_every = settings.AGENT_FLUSH_INTERVAL_SECONDS
     sweep_every = settings.HIBERNATION_SWEEP_SECONDS
     retention_every = settings.SNAPSHOT_RETENTION_INTERVAL_SECONDS
+    syncs_every = settings.AGENT_SYNC_RECORD_SECONDS
     return {
+        "record-agent-syncs": {
+            "task": "instances.tasks.record_agent_syncs",
+            "schedule": float(syncs_every),
+            "options": {"expires": syncs_every},
+        },
         "snapshot-retention": {
             "task": "snapshots.tasks.apply_retention_all",
             "schedule": float(retention_every),

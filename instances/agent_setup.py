@@ -6,18 +6,24 @@ import logging
 
 from django.conf import settings
 
-from agent.deploy import agent_deploy
+from agent.deploy import SyncConfig, agent_deploy
 from agent.services import agent_credential_issue
 from instances.models import Instance, InstanceEvent
 from instances.services import instance_event_add
+from instances.states import Status
 from machines.keys import control_plane_key_path
-from machines.ssh import SSHError, SSHTarget
+from machines.ssh import SSHError, SSHTarget, connect
+from snapshots import restic
+from snapshots import services as snapshot_services
+from snapshots.restic import ResticError
+from snapshots.storage import StorageError
 
 log = logging.getLogger(__name__)
 
 
 def agent_start(instance: Instance) -> bool:
-    """Deploy the agent with a fresh credential (the previous machine's secret dies with it).
+    """Deploy the agent with a fresh credential (the previous machine's secret dies with it) and its
+    periodic sync (an incremental restic backup every AGENT_SYNC_INTERVAL_SECONDS, restic installed first).
 
     A failure is an event, not an error: without heartbeats the instance is never judged idle (a
     missing heartbeat is not idleness), so it keeps running, and the agent can be redeployed.
@@ -25,12 +31,51 @@ def agent_start(instance: Instance) -> bool:
     secret = agent_credential_issue(instance.pk)
     target = SSHTarget(instance.ssh_host, instance.ssh_port or 22, instance.ssh_user or "root", instance.ssh_host_key)
     try:
+        sync = _sync(instance, target)
+    except (SSHError, ResticError, StorageError) as exc:
+        # heartbeats matter more than the sync: start the agent without it, and say so
+        sync = None
+        instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT,
+                           message=f"agent sync not configured: {exc}", data={"error": str(exc)[:500]})
+    try:
         agent_deploy(target=target, private_key=control_plane_key_path(), instance_id=instance.pk, secret=secret,
-                     control_plane_url=settings.AGENT_CONTROL_PLANE_URL)
+                     control_plane_url=settings.AGENT_CONTROL_PLANE_URL, sync=sync)
     except SSHError as exc:
         log.warning("agent deploy on instance %s failed: %s", instance.pk, exc)
         instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT,
                            message=f"agent could not be started: {exc}", data={"error": str(exc)[:500]})
         return False
-    instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT, message="agent started")
+    instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT,
+                       message="agent started" + (" with its periodic sync" if sync else ""))
     return True
+
+
+def _sync(instance: Instance, target: SSHTarget) -> SyncConfig | None:
+    if not settings.AGENT_SYNC_ENABLED:
+        return None
+    with connect(target, control_plane_key_path()) as session:
+        restic.restic_ensure(session, local_binary=snapshot_services.restic_binary())
+    command, env = snapshot_services.sync_config(owner=instance.owner, instance_id=instance.pk)
+    return SyncConfig(command=command, env=env)
+
+
+def agent_syncs_record(*, batch_size: int = 500) -> list[int]:
+    """Periodic: record each running instance's latest agent sync as a verified periodic snapshot."""
+    from agent import selectors as agent_selectors
+
+    recorded = []
+    for instance in Instance.objects.filter(status=Status.RUNNING).select_related("owner").order_by("id")[:batch_size]:
+        latest = agent_selectors.latest_heartbeat(instance.pk)
+        last = ((latest or {}).get("sync") or {}).get("last") or {}
+        try:
+            snapshot = snapshot_services.snapshot_record_periodic(owner=instance.owner, instance_id=instance.pk,
+                                                                  report=last)
+        except (ResticError, StorageError) as exc:
+            log.warning("cannot verify the agent sync of instance %s: %s", instance.pk, exc)
+            continue
+        if snapshot is not None:
+            recorded.append(snapshot.pk)
+            instance_event_add(instance=instance, kind=InstanceEvent.Kind.SNAPSHOT,
+                               message=f"periodic sync {snapshot.restic_snapshot_id[:8]}: {snapshot.status}",
+                               data={"snapshot": snapshot.pk, "status": snapshot.status})
+    return recorded

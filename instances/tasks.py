@@ -69,6 +69,11 @@ def hibernation_sweep() -> dict:
     return hibernation.hibernation_sweep()
 
 
+@shared_task(soft_time_limit=120, time_limit=150)
+def record_agent_syncs() -> list[int]:
+    return agent_setup.agent_syncs_record()
+
+
 @shared_task(soft_time_limit=300, time_limit=360)
 def reconcile() -> dict:
     return reconcile_module.reconcile()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -500,4 +501,40 @@ def _fail_stale(owner) -> None:
     )
     SnapshotRestore.objects.filter(owner=owner, status__in=SnapshotRestore.ACTIVE, created_at__lt=cutoff).update(
         status=SnapshotRestore.Status.FAILED, error=reason, finished_at=timezone.now()
+    )
+
+
+# ---- the agent's periodic sync ----------------------------------------------------------------
+
+
+def sync_config(*, owner, instance_id: int) -> tuple[str, dict[str, str]]:
+    """The command and environment DumontAgent runs for its periodic incremental backup.
+
+    The same backup as `snapshot_run` (our restic on the machine, the owner's repository and a key for its
+    prefix only), tagged `periodic`; the environment goes into the agent's 0600 config, never argv.
+    restic picks the previous snapshot of the same host and path as the parent on its own.
+    """
+    repository = _machine_repository(repository_ensure(owner=owner))
+    args = [*tuning().global_args(repository), "backup", "--json", "--host", f"instance-{instance_id}",
+            "--tag", f"instance-{instance_id}", "--tag", Snapshot.Reason.PERIODIC, "."]
+    command = ('cd "${DUMONT_WORKSPACE:-/workspace}" && exec "' + restic.REMOTE_BIN_DIR + '/restic" '
+               + " ".join(shlex.quote(a) for a in args))
+    return command, repository.env()
+
+
+def snapshot_record_periodic(*, owner, instance_id: int, report: dict) -> Snapshot | None:
+    """Record the agent's last sync (its heartbeat's `sync.last`) once, verified from the control plane:
+    it counts only if restic exited 0 and the repository lists the snapshot. Returns the new row."""
+    restic_id = str(report.get("snapshot_id") or "")
+    if not restic_id or Snapshot.objects.filter(instance_id=instance_id, restic_snapshot_id__startswith=restic_id).exists():
+        return None
+    repository = repository_ensure(owner=owner)
+    listed = restic.snapshot_listed(_local_runner(), _control_plane_repository(repository), tuning(), restic_id)
+    verified = listed is not None and report.get("exit_code") == 0
+    now = timezone.now()
+    return Snapshot.objects.create(
+        owner=owner, instance_id=instance_id, reason=Snapshot.Reason.PERIODIC, restic_snapshot_id=listed or restic_id,
+        status=Snapshot.Status.VERIFIED if verified else Snapshot.Status.FAILED,
+        error="" if verified else f"agent sync exited {report.get('exit_code')}, snapshot listed: {bool(listed)}",
+        duration_seconds=report.get("duration"), verified_at=now if verified else None, finished_at=now,
     )

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from django.test import override_settings
 
 from agent import selectors as agent_selectors
 from instances.models import Instance, InstanceEvent
@@ -64,7 +65,7 @@ def _hibernate_and_wake(stack, api):
 
     stack.market.control.set_gpu_util(machine_id, 80)
     with celery_beat(stack.tmp, env=stack.env):
-        wait_until(lambda: heartbeats_arrive(instance), timeout=60, what="the agent's heartbeats")
+        wait_until(lambda: heartbeats_arrive(instance), timeout=120, what="the agent's heartbeats")
         # busy: the window passes and nothing happens
         wait_until(lambda: len([u for _, u in agent_selectors.heartbeats_window(instance.pk, 8) if u == 80]) >= 7,
                    timeout=60, what="a busy window of heartbeats")
@@ -141,3 +142,21 @@ def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapsho
     assert hibernated.created_at >= verified.verified_at
     assert stack_base.machines(f"{instance.label}-") == []
     assert expected  # the snapshot holds the workspace: checked by the wake test's manifest round trip
+
+
+def test_the_agent_syncs_the_workspace_and_its_snapshots_are_recorded_verified(stack_base, api):
+    from instances.agent_setup import agent_syncs_record
+
+    env = {**stack_base.env, "AGENT_SYNC_INTERVAL_SECONDS": "2"}
+    with override_settings(AGENT_SYNC_INTERVAL_SECONDS=2), celery_worker(stack_base.tmp, env=env):
+        instance = launch(api, "HIB-SYNC")
+        (workspace_of(stack_base, instance) / "notes.txt").write_text("written before the sync\n")
+        started = wait_until(lambda: instance.events.filter(kind="agent").first(), timeout=120,
+                             what="the agent to be started")
+        assert started.message == "agent started with its periodic sync", started.message
+        with celery_beat(stack_base.tmp, env=env):  # flushes heartbeats
+            snapshots = wait_until(agent_syncs_record, timeout=90, what="an agent sync to be recorded")
+        periodic = Snapshot.objects.get(pk=snapshots[0])
+        assert periodic.reason == "periodic" and periodic.status == "verified" and periodic.verified_at
+        assert api.delete(f"/api/v1/instances/{instance.pk}").status_code == 202
+        wait_for_status(instance, "destroyed")
