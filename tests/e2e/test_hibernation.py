@@ -141,6 +141,15 @@ def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapsho
     hibernated = instance.events.filter(kind="status", data__to="hibernated").get()
     assert hibernated.created_at >= verified.verified_at
     assert stack_base.machines(f"{instance.label}-") == []
+
+    # 30 minutes later the reservation is released: nothing left at the provider, the snapshot stays
+    from instances.hibernation import instance_release_run
+
+    assert instance_release_run(instance.pk) == "released"
+    instance.refresh_from_db()
+    assert instance.released_at is not None
+    assert Snapshot.objects.filter(instance=instance, status="verified").count() == 1
+    assert instance_release_run(instance.pk) == "skipped"  # once
     assert expected  # the snapshot holds the workspace: checked by the wake test's manifest round trip
 
 
