@@ -113,6 +113,8 @@ def race_locked(instance_id: int, *, config: RaceConfig | None = None, prefer_ho
 class _Race:
     def __init__(self, instance_id: int, config: RaceConfig, *, prefer_host: str = ""):
         self.instance = Instance.objects.select_related("provider_account").get(pk=instance_id)
+        # resolved once, here: the race's threads build adapters from these and must not query the database
+        self.provider_name, self.account = self.instance.provider, self.instance.provider_account
         self.config = config
         self.prefer_host = prefer_host
         self.pool = futures.ThreadPoolExecutor(max_workers=2 * config.batch_size + 4, thread_name_prefix="race")
@@ -144,7 +146,7 @@ class _Race:
         except Exception as exc:
             log.exception("race of instance %s crashed", self.instance.pk)
             self._end_everything(Outcome.ABANDONED, f"race error: {exc}")
-            self._fail(f"launch race error: {exc}")
+            self._fail(f"race error: {exc}")
             raise
         finally:
             self.stop.set()
@@ -182,7 +184,7 @@ class _Race:
         """This thread's adapter (an adapter's HTTP session is not shared between threads)."""
         client = getattr(self._thread_clients, "client", None)
         if client is None:
-            client = provider_client(self.instance.provider, self.instance.provider_account)
+            client = provider_client(self.provider_name, self.account)
             self._thread_clients.client = client
         return client
 
