@@ -131,7 +131,8 @@ class HeartbeatBenchmark(Benchmark):
         parser.add_argument("--instances", type=int, default=2000)
         parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
         parser.add_argument("--threads", type=int, default=2, help="threads per gunicorn worker (gthread)")
-        parser.add_argument("--worker-class", default="gthread", help="gthread keeps connections alive; sync does not")
+        parser.add_argument("--worker-class", default="uvicorn.workers.UvicornWorker",
+                            help="the ingest tier's uvicorn worker (dumont.asgi), or gthread (dumont.wsgi, the API's)")
         parser.add_argument("--loaders", type=int, default=2, help="load generator processes")
         parser.add_argument("--connections", type=int, default=32, help="keep-alive sockets per loader, at most")
         parser.add_argument("--warmup", type=float, default=2.0, help="seconds of each load first, not counted")
@@ -258,7 +259,9 @@ class HeartbeatBenchmark(Benchmark):
     @contextlib.contextmanager
     def _gunicorn(self, env, workers: int, threads: int, worker_class: str) -> Iterator[tuple[tuple[str, int], int]]:
         port = _free_port()
-        command = [sys.executable, "-m", "gunicorn", "dumont.wsgi:application", "--bind", f"127.0.0.1:{port}",
+        # the ingest tier (uvicorn workers, dumont.asgi) or the API's WSGI server (gthread, dumont.wsgi)
+        app = "dumont.asgi:application" if "uvicorn" in worker_class.lower() else "dumont.wsgi:application"
+        command = [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}",
                    "--workers", str(workers), "--worker-class", worker_class, "--threads", str(threads),
                    "--keep-alive", "75", "--backlog", "2048", "--log-level", "warning"]
         process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, start_new_session=True)

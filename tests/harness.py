@@ -109,15 +109,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def web_server(log_dir: Path, *, env: dict | None = None, port: int | None = None,
+def web_server(log_dir: Path, *, env: dict | None = None, port: int | None = None, ingest: bool = False,
                timeout: float = 60) -> Iterator[str]:
-    """The production web server (gunicorn) on a loopback port (a free one by default); yields its URL."""
+    """A production web server (gunicorn) on a loopback port (a free one by default); yields its URL.
+    `ingest`: the heartbeat ingest tier (uvicorn workers, dumont.asgi) instead of the API's (dumont.wsgi)."""
     import urllib.request
 
     port = port or free_port()
-    log_path = log_dir / "web.log"
-    command = [sys.executable, "-m", "gunicorn", "dumont.wsgi:application", "--bind", f"127.0.0.1:{port}",
-               "--workers", "1", "--threads", "8", "--access-logfile", "-"]
+    log_path = log_dir / ("ingest.log" if ingest else "web.log")
+    server = (["dumont.asgi:application", "--worker-class", "uvicorn.workers.UvicornWorker"] if ingest
+              else ["dumont.wsgi:application", "--threads", "8"])
+    command = [sys.executable, "-m", "gunicorn", *server, "--bind", f"127.0.0.1:{port}", "--workers", "1",
+               "--access-logfile", "-"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env or subprocess_env(), stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)

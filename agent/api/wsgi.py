@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
+from django.core.exceptions import SynchronousOnlyOperation
 from django.http.request import split_domain_port, validate_host
 
 from agent.api.views import status_answer
@@ -81,6 +82,8 @@ def heartbeat_application(environ: dict[str, Any], start_response: Callable, dja
             return environ["wsgi.input"].read(length) if length > 0 else b""
 
         status, answer = status_answer(environ, read_body)
+    except SynchronousOnlyOperation:
+        raise  # dumont.asgi ran this on its event loop and retries it in a thread
     except Exception:
         request_log.error("Internal Server Error: %s", path, exc_info=True, extra={"status_code": 500, "request": None})
         status, answer = SERVER_ERROR
