@@ -124,7 +124,6 @@ def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapsho
         machine_id = instance.provider_instance_id
         workspace = workspace_of(stack_base, instance)
         make_workspace(workspace, weights_mb=200, source_files=200)  # a backup that takes a while
-        expected = manifest(workspace)
         assert api.post(f"/api/v1/instances/{instance.pk}/hibernate").status_code == 202
         wait_until(lambda: Snapshot.objects.filter(instance=instance, status="running").exists(), timeout=60,
                    what="the hibernation snapshot to start")
@@ -150,7 +149,6 @@ def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapsho
     assert instance.released_at is not None
     assert Snapshot.objects.filter(instance=instance, status="verified").count() == 1
     assert instance_release_run(instance.pk) == "skipped"  # once
-    assert expected  # the snapshot holds the workspace: checked by the wake test's manifest round trip
 
 
 def test_the_agent_syncs_the_workspace_and_its_snapshots_are_recorded_verified(stack_base, api):
