@@ -13,47 +13,22 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
+def _periodic(task: str, every: float) -> dict:
+    # `expires` = the interval: a backlog of sweeps is dropped, not replayed
+    return {"task": task, "schedule": float(every), "options": {"expires": every}}
+
+
 def _beat_schedule() -> dict:
     from django.conf import settings
 
-    prune_every = settings.HEARTBEAT_PRUNE_INTERVAL_SECONDS
-    reconcile_every = settings.RECONCILE_INTERVAL_SECONDS
-    flush_every = settings.AGENT_FLUSH_INTERVAL_SECONDS
-    sweep_every = settings.HIBERNATION_SWEEP_SECONDS
-    retention_every = settings.SNAPSHOT_RETENTION_INTERVAL_SECONDS
-    syncs_every = settings.AGENT_SYNC_RECORD_SECONDS
     return {
-        "record-agent-syncs": {
-            "task": "instances.tasks.record_agent_syncs",
-            "schedule": float(syncs_every),
-            "options": {"expires": syncs_every},
-        },
-        "snapshot-retention": {
-            "task": "snapshots.tasks.apply_retention_all",
-            "schedule": float(retention_every),
-            "options": {"expires": retention_every},
-        },
-        "hibernation-sweep": {
-            "task": "instances.tasks.hibernation_sweep",
-            "schedule": float(sweep_every),
-            "options": {"expires": sweep_every},
-        },
-        "reconcile-machines": {
-            "task": "instances.tasks.reconcile",
-            "schedule": float(reconcile_every),
-            "options": {"expires": reconcile_every},
-        },
-        "prune-heartbeats": {
-            "task": "agent.tasks.prune_heartbeats",
-            "schedule": float(prune_every),
-            # a backlog of sweeps is dropped, not replayed
-            "options": {"expires": prune_every},
-        },
-        "flush-heartbeats": {
-            "task": "agent.tasks.flush_heartbeats",
-            "schedule": float(flush_every),
-            "options": {"expires": flush_every},
-        },
+        "record-agent-syncs": _periodic("instances.tasks.record_agent_syncs", settings.AGENT_SYNC_RECORD_SECONDS),
+        "snapshot-retention": _periodic("snapshots.tasks.apply_retention_all",
+                                        settings.SNAPSHOT_RETENTION_INTERVAL_SECONDS),
+        "hibernation-sweep": _periodic("instances.tasks.hibernation_sweep", settings.HIBERNATION_SWEEP_SECONDS),
+        "reconcile-machines": _periodic("instances.tasks.reconcile", settings.RECONCILE_INTERVAL_SECONDS),
+        "prune-heartbeats": _periodic("agent.tasks.prune_heartbeats", settings.HEARTBEAT_PRUNE_INTERVAL_SECONDS),
+        "flush-heartbeats": _periodic("agent.tasks.flush_heartbeats", settings.AGENT_FLUSH_INTERVAL_SECONDS),
     }
 
 

@@ -92,10 +92,11 @@ def savings_report(*, user=None, days: int, now: datetime | None = None) -> dict
     now = now or timezone.now()
     since = now - timedelta(days=days)
     instances = list(Instance.objects.filter(owner=user) if user is not None else Instance.objects.all())
-    hibernated = [p for p in status_periods(instances, since=since, until=now) if p.status == Status.HIBERNATED]
+    periods = status_periods(instances, since=since, until=now)
+    hibernated = [p for p in periods if p.status == Status.HIBERNATED]
     repo_bytes = _repository_bytes(instances)
     # machines that lost a wake race (attempts made while the instance was waking)
-    waking = [p for p in status_periods(instances, since=since, until=now) if p.status == Status.WAKING]
+    waking = [p for p in periods if p.status == Status.WAKING]
     wake_losers = [
         attempt
         for attempt in MachineAttempt.objects.filter(instance__in=instances, created_at__gte=since)

@@ -23,8 +23,8 @@ from instances.models import Instance, InstanceEvent
 from instances.race import LIVE_OUTCOMES, LOCK_NAMESPACE, RACING
 from instances.services import instance_event_add
 from instances.states import HOLDS_MACHINE, Status
-from machines.clients import provider_client
-from machines.models import MachineAttempt, ProviderAccount
+from machines.clients import clients_for_user
+from machines.models import MachineAttempt
 from machines.providers.base import ProviderError, ProviderInstance
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,9 @@ def machine_is_owned(machine: ProviderInstance, provider: str) -> bool:
     return False
 
 
-def _clients():
-    if settings.LOCAL_MARKETPLACE_ENABLED:
-        yield "local", provider_client("local")
-    for account in ProviderAccount.objects.order_by("id"):
-        yield account.provider, provider_client(account.provider, account)
-
-
 def reconcile_machines() -> list[str]:
     destroyed = []
-    for provider, client in _clients():
+    for provider, _account, client in clients_for_user():
         try:
             machines = client.list(label_prefix=settings.DUMONT_LABEL_PREFIX)
         except ProviderError as exc:

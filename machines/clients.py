@@ -36,11 +36,13 @@ def provider_client(provider: str, account: ProviderAccount | None = None) -> Pr
     return get_provider(provider, **options)
 
 
-def clients_for_user(user) -> list[tuple[str, ProviderAccount | None, Provider]]:
-    """Every provider this user can rent from: the local marketplace (when enabled) and each account."""
+def clients_for_user(user=None) -> list[tuple[str, ProviderAccount | None, Provider]]:
+    """Every provider this user can rent from: the local marketplace (when enabled) and each account.
+    `user` None: every account of every user (the reconcile sweep)."""
     clients: list[tuple[str, ProviderAccount | None, Provider]] = []
     if settings.LOCAL_MARKETPLACE_ENABLED:
         clients.append(("local", None, provider_client("local")))
-    for account in ProviderAccount.objects.filter(owner=user).order_by("id"):
+    accounts = ProviderAccount.objects.all() if user is None else ProviderAccount.objects.filter(owner=user)
+    for account in accounts.order_by("id"):
         clients.append((account.provider, account, provider_client(account.provider, account)))
     return clients
