@@ -26,6 +26,8 @@ def _beat_schedule() -> dict:
         "snapshot-retention": _periodic("snapshots.tasks.apply_retention_all",
                                         settings.SNAPSHOT_RETENTION_INTERVAL_SECONDS),
         "hibernation-sweep": _periodic("instances.tasks.hibernation_sweep", settings.HIBERNATION_SWEEP_SECONDS),
+        "lost-machine-sweep": _periodic("instances.tasks.lost_machine_sweep", settings.LOST_SWEEP_SECONDS),
+        "standby-sweep": _periodic("instances.tasks.standby_sweep", settings.STANDBY_SWEEP_SECONDS),
         "reconcile-machines": _periodic("instances.tasks.reconcile", settings.RECONCILE_INTERVAL_SECONDS),
         "prune-heartbeats": _periodic("agent.tasks.prune_heartbeats", settings.HEARTBEAT_PRUNE_INTERVAL_SECONDS),
         "flush-heartbeats": _periodic("agent.tasks.flush_heartbeats", settings.AGENT_FLUSH_INTERVAL_SECONDS),

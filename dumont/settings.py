@@ -194,6 +194,7 @@ LOCAL_MARKETPLACE_ENABLED = env.bool("LOCAL_MARKETPLACE_ENABLED", default=not PR
 LOCAL_MARKETPLACE_URL = env.str("LOCAL_MARKETPLACE_URL", default="http://127.0.0.1:8790")
 VASTAI_API_URL = env.str("VASTAI_API_URL", default="https://console.vast.ai/api/v0/")
 RUNPOD_API_URL = env.str("RUNPOD_API_URL", default="https://api.runpod.io/graphql")
+GCP_COMPUTE_API_URL = env.str("GCP_COMPUTE_API_URL", default="https://compute.googleapis.com/compute/v1/")
 PROVIDER_TIMEOUT_SECONDS = env.float("PROVIDER_TIMEOUT_SECONDS", default=20.0)
 
 # ---- The launch race (instances/race.py) ----
@@ -231,6 +232,21 @@ AGENT_CONTROL_PLANE_URL = env.str("AGENT_CONTROL_PLANE_URL", default="http://127
 
 # Object storage price used in the savings ledger (Cloudflare R2 standard: $0.015/GB-month).
 SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH = env.float("SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH", default=0.015)
+
+# ---- Lost machines and recovery (instances/lost.py), CPU standby (instances/standby.py) ----
+# A machine is lost when its heartbeats stopped for longer than this AND the provider says it is gone
+# (or stopped) or SSH does not answer (LOST_SSH_TRIES tries of LOST_SSH_TIMEOUT_SECONDS).
+LOST_MACHINE_SECONDS = env.float("LOST_MACHINE_SECONDS", default=60.0)
+LOST_SWEEP_SECONDS = env.float("LOST_SWEEP_SECONDS", default=10.0)
+LOST_SSH_TIMEOUT_SECONDS = env.float("LOST_SSH_TIMEOUT_SECONDS", default=10.0)
+LOST_SSH_TRIES = env.int("LOST_SSH_TRIES", default=2)
+# How often the standby sweep provisions missing standbys, starts due mirror syncs and retries failbacks.
+STANDBY_SWEEP_SECONDS = env.float("STANDBY_SWEEP_SECONDS", default=10.0)
+STANDBY_BOOT_TIMEOUT_SECONDS = env.float("STANDBY_BOOT_TIMEOUT_SECONDS", default=600.0)
+# after a standby failed to provision (or an automatic failback found no GPU), wait this long to retry
+STANDBY_RETRY_SECONDS = env.float("STANDBY_RETRY_SECONDS", default=300.0)
+STANDBY_SYNC_TIMEOUT_SECONDS = env.float("STANDBY_SYNC_TIMEOUT_SECONDS", default=3600.0)
+STANDBY_IMAGE = env.str("STANDBY_IMAGE", default="debian-12")
 
 # ---- Machine reliability (machines/reliability.py) ----
 RELIABILITY_WINDOW_HOURS = env.int("RELIABILITY_WINDOW_HOURS", default=72)

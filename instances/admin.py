@@ -3,7 +3,7 @@ from django.template.response import TemplateResponse
 from django.urls import path
 
 from instances import metrics
-from instances.models import Instance, InstanceEvent, StandbyConfig
+from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
 from machines.models import MachineAttempt
 
 
@@ -87,3 +87,22 @@ class StandbyConfigAdmin(admin.ModelAdmin):
                     "auto_failover", "auto_recovery", "updated_at"]
     list_filter = ["enabled", "provider", "spot"]
     search_fields = ["owner__username"]
+
+
+@admin.register(StandbyMachine)
+class StandbyMachineAdmin(admin.ModelAdmin):
+    """Read-only: standbys change through instances/standby.py. The mirror key is never shown."""
+
+    list_display = ["id", "instance", "provider", "status", "ssh_host", "ssh_port", "price_per_hour", "last_sync_at",
+                    "syncs", "created_at", "destroyed_at"]
+    list_filter = ["status", "provider"]
+    search_fields = ["instance__name", "provider_instance_id", "label"]
+    list_select_related = ["instance"]
+    exclude = ["mirror_private_key"]
+    readonly_fields = ["instance", "provider", "provider_account", "zone", "machine_type", "spot", "status", "error",
+                       "label", "provider_instance_id", "ssh_host", "ssh_port", "ssh_user", "ssh_host_key",
+                       "price_per_hour", "mirror_public_key", "last_sync_at", "last_sync_seconds", "last_sync_error",
+                       "syncs", "created_at", "ready_at", "destroyed_at"]
+
+    def has_add_permission(self, request):
+        return False

@@ -34,6 +34,7 @@ from instances.race import race_locked
 from instances.services import instance_event_add
 from instances.states import Status, transition
 from machines.clients import provider_client
+from machines.providers.base import ProviderError
 from machines.ssh import SSHTarget
 from snapshots import services as snapshot_services
 from snapshots.models import Snapshot
@@ -123,11 +124,11 @@ def hibernation_sweep(*, batch_size: int = 500) -> dict:
 # ---- hibernate -----------------------------------------------------------------------------
 
 
-def _target(instance: Instance) -> SSHTarget:
+def ssh_target_of(instance: Instance) -> SSHTarget:
     return SSHTarget(instance.ssh_host, instance.ssh_port or 22, instance.ssh_user or "root", instance.ssh_host_key)
 
 
-def _events_for(instance: Instance):
+def events_for(instance: Instance):
     def on_event(kind: str, message: str, data: dict) -> None:
         instance_event_add(instance=instance, kind=kind, message=message, data=data)
 
@@ -141,11 +142,11 @@ def _hibernation_snapshot(instance: Instance) -> Snapshot:
     verified = ours.filter(status=Snapshot.Status.VERIFIED).order_by("-id").first()
     if verified:
         return verified
-    on_event = _events_for(instance)
+    on_event = events_for(instance)
     unfinished = Snapshot.objects.filter(instance=instance, status__in=Snapshot.ACTIVE).order_by("-id").first()
     if unfinished:  # its worker died mid-backup: run it again
         return snapshot_services.snapshot_run(snapshot_id=unfinished.pk, on_event=on_event)
-    return snapshot_services.snapshot_take(owner=instance.owner, instance_id=instance.pk, target=_target(instance),
+    return snapshot_services.snapshot_take(owner=instance.owner, instance_id=instance.pk, target=ssh_target_of(instance),
                                            reason=Snapshot.Reason.HIBERNATE, on_event=on_event)
 
 
@@ -179,7 +180,19 @@ def instance_hibernate_run(instance_id: int, *, reason: str = "idle") -> str:
         )
         instance_event_add(instance=instance, kind=InstanceEvent.Kind.HIBERNATE, message="hibernated",
                            data={"snapshot": snapshot.pk, "seconds": seconds})
+        _standby_destroy(instance)
         return "hibernated"
+
+
+def _standby_destroy(instance: Instance) -> None:
+    """The snapshot is enough: the standby goes too. A refusal is retried by the standby sweep."""
+    from instances.standby import standby_destroy
+
+    try:
+        standby_destroy(instance, reason="instance hibernated")
+    except ProviderError as exc:
+        instance_event_add(instance=instance, kind=InstanceEvent.Kind.ERROR,
+                           message=f"the standby could not be destroyed yet: {exc}")
 
 
 def instance_release_run(instance_id: int) -> str:
@@ -219,7 +232,7 @@ def instance_wake_run(instance_id: int) -> str:
             instance.refresh_from_db()
         started = time.monotonic()
         restore = snapshot_services.snapshot_restore(owner=instance.owner, instance_id=instance.pk,
-                                                     target=_target(instance), on_event=_events_for(instance))
+                                                     target=ssh_target_of(instance), on_event=events_for(instance))
         timings["restore"] = round(time.monotonic() - started, 3)
         if restore.status != restore.Status.SUCCEEDED:
             provider = provider_client(instance.provider, instance.provider_account)

@@ -45,7 +45,9 @@ def instance_locked(instance_id: int) -> Iterator[Instance]:
 
 
 def instance_destroy_run(instance_id: int) -> str:
-    """Destroy every machine the instance has (its current one and any left from races) -> destroyed."""
+    """Destroy every machine the instance has (its current one, any left from races, its standby) -> destroyed."""
+    from instances.standby import standby_destroy
+
     with instance_locked(instance_id) as instance:
         if instance.status != Status.DESTROYING:
             return "skipped"
@@ -58,6 +60,7 @@ def instance_destroy_run(instance_id: int) -> str:
         MachineAttempt.objects.filter(instance=instance, destroyed_at__isnull=True).exclude(
             provider_instance_id=""
         ).update(destroyed_at=timezone.now())
+        standby_destroy(instance, reason="instance destroyed")  # it may live at another provider
         transition(instance.pk, Status.DESTROYED, expected=Status.DESTROYING,
                    message=f"destroyed ({len(machines)} machine(s) released)", **MACHINE_FIELDS_CLEARED)
         return "destroyed"

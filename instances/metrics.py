@@ -24,6 +24,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from instances.models import Instance, InstanceEvent
+from instances.standby import standby_spend
 from instances.states import Status
 from machines.models import MachineAttempt
 
@@ -170,17 +171,20 @@ def fleet_metrics(*, user, days: int = 30, now: datetime | None = None) -> dict:
     holding = [p for p in periods if p.status in (Status.RUNNING, Status.PAUSED, Status.HIBERNATING)]
     gpu_hours = sum((p.hours for p in periods if p.status == Status.RUNNING), Decimal(0))
     machine_spend = sum((p.hours * p.price_per_hour for p in holding if p.status != Status.PAUSED), Decimal(0))
-    attempts = MachineAttempt.objects.filter(instance__in=instances, created_at__gte=since)
+    # a machine_lost row records a loss, not another rental
+    attempts = MachineAttempt.objects.filter(instance__in=instances, created_at__gte=since).exclude(
+        outcome=MachineAttempt.Outcome.MACHINE_LOST)
     ready = sorted(a.seconds_to_ready for a in attempts if a.outcome == MachineAttempt.Outcome.WON
                    and a.seconds_to_ready is not None)
     loser_cost = sum((a.cost for a in attempts if a.outcome != MachineAttempt.Outcome.WON), Decimal(0))
     timings = _timings(instances, since)
+    standby_cost = standby_spend(instances, since=since, until=now)
     return {
         "days": days,
         "instances_by_state": by_state,
         "gpu_hours": _hours(gpu_hours),
         "spend": {"machines": _money(machine_spend), "race_losers": _money(loser_cost),
-                  "total": _money(machine_spend + loser_cost)},
+                  "standby": _money(standby_cost), "total": _money(machine_spend + loser_cost + standby_cost)},
         "race": {
             "launches": len(ready),
             "median_seconds_to_ready": _round(statistics.median(ready)) if ready else None,

@@ -2,6 +2,7 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
+from dumont.core.fields import EncryptedTextField
 from instances.states import ACTIVE, Status
 
 
@@ -84,6 +85,9 @@ class InstanceEvent(models.Model):
         WAKE = "wake"
         ERROR = "error"
         INFO = "info"
+        LOST = "lost"  # a lost machine: detection and its verdict
+        RECOVERY = "recovery"  # recovery from a lost machine: recovery point and duration
+        STANDBY = "standby"  # the CPU standby: provisioning, mirror, failover, failback
 
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=16, choices=Kind.choices)
@@ -105,7 +109,7 @@ class InstanceEvent(models.Model):
 
 
 class StandbyConfig(models.Model):
-    """Per-user CPU standby / failover settings (the behaviour comes with the failover work)."""
+    """Per-user CPU standby / failover settings (the behaviour: instances/standby.py)."""
 
     owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="standby_config")
     enabled = models.BooleanField(default=False)
@@ -115,7 +119,8 @@ class StandbyConfig(models.Model):
     disk_gb = models.PositiveIntegerField(default=100, validators=[MinValueValidator(10), MaxValueValidator(8192)])
     spot = models.BooleanField(default=True)
     sync_interval_seconds = models.PositiveIntegerField(
-        default=300, validators=[MinValueValidator(30), MaxValueValidator(86400)]
+        default=300, validators=[MinValueValidator(10), MaxValueValidator(86400)],
+        help_text="The mirror on the standby is never older than this (plus one sync's duration).",
     )
     auto_failover = models.BooleanField(default=True)
     auto_recovery = models.BooleanField(default=True)
@@ -123,3 +128,59 @@ class StandbyConfig(models.Model):
 
     def __str__(self) -> str:
         return f"standby for {self.owner} ({'on' if self.enabled else 'off'})"
+
+
+class StandbyMachine(models.Model):
+    """The CPU machine that mirrors one GPU instance's workspace (instances/standby.py).
+
+    Written (status `provisioning`) before the provider is asked for the machine: its label,
+    `<instance label>-s<id>`, is how the reconcile sweep tells it from an orphan. The mirror key is the
+    one the GPU machine's rsync uses to reach it; secret, so encrypted at rest and never serialised.
+    """
+
+    class Status(models.TextChoices):
+        PROVISIONING = "provisioning"
+        READY = "ready"
+        FAILED = "failed"  # could not be provisioned, or lost: its machine is destroyed
+        DESTROYED = "destroyed"
+
+    ACTIVE = (Status.PROVISIONING, Status.READY)
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="standbys")
+    provider = models.CharField(max_length=32)
+    provider_account = models.ForeignKey(
+        "machines.ProviderAccount", null=True, blank=True, on_delete=models.PROTECT, related_name="standbys"
+    )
+    zone = models.CharField(max_length=64, blank=True)
+    machine_type = models.CharField(max_length=64, blank=True)
+    spot = models.BooleanField(default=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PROVISIONING, db_index=True)
+    error = models.TextField(blank=True)
+    label = models.CharField(max_length=100, blank=True)
+    provider_instance_id = models.CharField(max_length=128, blank=True, db_index=True)
+    ssh_host = models.CharField(max_length=255, blank=True)
+    ssh_port = models.PositiveIntegerField(null=True, blank=True)
+    ssh_user = models.CharField(max_length=32, blank=True, default="root")
+    ssh_host_key = models.TextField(blank=True)
+    price_per_hour = models.DecimalField(max_digits=8, decimal_places=4, null=True, blank=True)
+    mirror_private_key = EncryptedTextField(blank=True)
+    mirror_public_key = models.TextField(blank=True)
+    last_sync_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the last successful sync started: the mirror holds the workspace as of then."
+    )
+    last_sync_seconds = models.FloatField(null=True, blank=True)
+    last_sync_error = models.TextField(blank=True)
+    syncs = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    destroyed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["instance"], condition=models.Q(status__in=["provisioning", "ready"]),
+                                    name="one_active_standby_per_instance")
+        ]
+
+    def __str__(self) -> str:
+        return f"standby #{self.pk} of instance {self.instance_id} ({self.status})"

@@ -88,8 +88,13 @@ def attempt_label(instance: Instance, attempt_id: int) -> str:
     return f"{instance.label}-{attempt_id}"
 
 
-# the statuses an instance races in: a launch, or a wake (which then restores its workspace)
-RACING = (Status.LAUNCHING, Status.WAKING)
+# the statuses an instance races in: a launch; or a wake, a recovery or a failback, which then bring the
+# workspace to the winner themselves
+RACING = (Status.LAUNCHING, Status.WAKING, Status.RECOVERING, Status.FAILBACK)
+# where each kind of race goes when no machine comes up: a launch fails; a wake or a recovery leaves the
+# workspace in its snapshot (hibernated); a failback leaves the user on the standby
+FAILED_RACE_STATUS = {Status.LAUNCHING: Status.FAILED, Status.WAKING: Status.HIBERNATED,
+                      Status.RECOVERING: Status.HIBERNATED, Status.FAILBACK: Status.FAILOVER}
 
 
 def race_run(instance_id: int, *, config: RaceConfig | None = None) -> str:
@@ -100,23 +105,27 @@ def race_run(instance_id: int, *, config: RaceConfig | None = None) -> str:
         return race_locked(instance_id, config=config)
 
 
-def race_locked(instance_id: int, *, config: RaceConfig | None = None, prefer_host: str = "") -> str:
-    """The race, for a caller that already holds the instance's lifecycle lock (the wake).
+def race_locked(instance_id: int, *, config: RaceConfig | None = None, prefer_host: str = "",
+                avoid_hosts: tuple[str, ...] = ()) -> str:
+    """The race, for a caller that already holds the instance's lifecycle lock (wake, recovery, failback).
 
-    A launch race ends with the instance `running` (or `failed`); a wake race gives the waking instance
-    its machine and leaves the status to the wake (or, if no machine comes up, sends it back to
-    `hibernated`: its snapshot is untouched).
+    A launch race ends with the instance `running` (or `failed`); the others give the instance its
+    machine and leave the status to their caller (or, if no machine comes up, move it as
+    FAILED_RACE_STATUS says). `avoid_hosts`: never rent from these (a recovery avoids the lost host).
     """
-    return _Race(instance_id, config or RaceConfig.from_settings(), prefer_host=prefer_host).run()
+    return _Race(instance_id, config or RaceConfig.from_settings(), prefer_host=prefer_host,
+                 avoid_hosts=avoid_hosts).run()
 
 
 class _Race:
-    def __init__(self, instance_id: int, config: RaceConfig, *, prefer_host: str = ""):
+    def __init__(self, instance_id: int, config: RaceConfig, *, prefer_host: str = "",
+                 avoid_hosts: tuple[str, ...] = ()):
         self.instance = Instance.objects.select_related("provider_account").get(pk=instance_id)
         # resolved once, here: the race's threads build adapters from these and must not query the database
         self.provider_name, self.account = self.instance.provider, self.instance.provider_account
         self.config = config
         self.prefer_host = prefer_host
+        self.avoid_hosts = set(avoid_hosts)
         self.pool = futures.ThreadPoolExecutor(max_workers=2 * config.batch_size + 4, thread_name_prefix="race")
         self.stop = threading.Event()
         self.creating: dict[futures.Future, MachineAttempt] = {}
@@ -223,7 +232,7 @@ class _Race:
 
     def _start_round(self, round_no: int) -> int:
         instance = self.instance
-        tried = set(self._attempts().values_list("host_id", flat=True))
+        tried = set(self._attempts().values_list("host_id", flat=True)) | self.avoid_hosts
         banned = reliability.blacklisted_hosts(instance.provider)
         query = OfferQuery(
             gpu_name=instance.gpu_name or None,
@@ -390,12 +399,13 @@ class _Race:
             if self.status == Status.LAUNCHING:
                 self.instance = transition(self.instance.pk, Status.RUNNING, expected=Status.LAUNCHING,
                                            message=message, data=data, **machine)
-            else:  # a wake: the machine is the instance's now; the wake restores onto it, then says running
+            else:  # the machine is the instance's now; the wake/recovery/failback brings the workspace, then running
                 locked = Instance.objects.select_for_update().get(pk=self.instance.pk)
-                if locked.status != Status.WAKING:
-                    raise RuntimeError(f"instance {locked.pk} left waking during its race ({locked.status})")
+                if locked.status != self.status:
+                    raise RuntimeError(f"instance {locked.pk} left {self.status} during its race ({locked.status})")
                 Instance.objects.filter(pk=locked.pk).update(**machine)
-                self._event(InstanceEvent.Kind.WAKE, message, data)
+                self._event(InstanceEvent.Kind.WAKE if self.status == Status.WAKING else InstanceEvent.Kind.RACE,
+                            message, data)
             winner.outcome = Outcome.WON
             winner.ready_at = ready_at
             winner.seconds_to_ready = seconds
@@ -426,8 +436,7 @@ class _Race:
         return "failed"
 
     def _fail(self, reason: str) -> None:
-        # a failed wake goes back to sleep: its snapshot is untouched and a later wake can try again
-        target = Status.FAILED if self.status == Status.LAUNCHING else Status.HIBERNATED
+        target = FAILED_RACE_STATUS[self.status]
         try:
             transition(self.instance.pk, target, expected=self.status, message=reason)
         except IllegalTransition:

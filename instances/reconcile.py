@@ -1,10 +1,12 @@
 """The reconcile sweep (beat, every minute): the database and the providers must agree.
 
 1. Every machine a provider lists under our label prefix must be owned: the current machine of an
-   instance that holds one, or a machine of a race still deciding (its attempt is live and the instance
-   is launching). Anything else is an orphan (a crashed worker's loser, a late create, a machine of a
+   instance that holds one, a machine of a race still deciding (its attempt is live and the instance
+   is racing), or the live CPU standby of an instance that keeps one (label `...-s<standby>`).
+   Anything else is an orphan (a crashed worker's loser, a late create, a machine of a
    destroyed instance) and is destroyed.
-2. Work whose worker died is picked up again: a pending/launching/waking/hibernating/destroying instance
+2. Work whose worker died is picked up again: a pending/launching/waking/hibernating/destroying/
+   recovering/failback instance
    whose lifecycle lock nobody holds gets its task re-enqueued; each task resumes from the database
    (a race from its attempts, a hibernation from its snapshot).
 """
@@ -19,10 +21,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from dumont.core.locks import advisory_lock, is_locked
-from instances.models import Instance, InstanceEvent
+from instances.models import Instance, InstanceEvent, StandbyMachine
 from instances.race import LIVE_OUTCOMES, LOCK_NAMESPACE, RACING
 from instances.services import instance_event_add
-from instances.states import HOLDS_MACHINE, Status
+from instances.states import HOLDS_MACHINE, KEEPS_STANDBY, Status
 from machines.clients import clients_for_user
 from machines.models import MachineAttempt
 from machines.providers.base import ProviderError, ProviderInstance
@@ -30,17 +32,23 @@ from machines.providers.base import ProviderError, ProviderInstance
 log = logging.getLogger(__name__)
 
 
-def _parse_label(label: str | None) -> tuple[int, int] | None:
+def _parse_label(label: str | None) -> tuple[int, int, bool] | None:
+    """(instance id, attempt or standby id, is a standby) from `<prefix><instance>-<attempt>` or `...-s<standby>`."""
     prefix = re.escape(settings.DUMONT_LABEL_PREFIX)
-    match = re.fullmatch(rf"{prefix}(\d+)-(\d+)", label or "")
-    return (int(match[1]), int(match[2])) if match else None
+    match = re.fullmatch(rf"{prefix}(\d+)-(s?)(\d+)", label or "")
+    return (int(match[1]), int(match[3]), bool(match[2])) if match else None
 
 
 def machine_is_owned(machine: ProviderInstance, provider: str) -> bool:
     parsed = _parse_label(machine.label)
     if parsed is None:
         return False
-    instance_id, attempt_id = parsed
+    instance_id, attempt_id, is_standby = parsed
+    if is_standby:
+        return StandbyMachine.objects.filter(
+            pk=attempt_id, instance_id=instance_id, provider=provider, status__in=StandbyMachine.ACTIVE,
+            instance__status__in=sorted(KEEPS_STANDBY), provider_instance_id__in=["", machine.instance_id],
+        ).exists()
     instance = Instance.objects.filter(pk=instance_id, provider=provider).first()
     if instance is None:
         return False
@@ -71,6 +79,8 @@ def reconcile_machines() -> list[str]:
             parsed = _parse_label(machine.label)
             MachineAttempt.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
                                           destroyed_at__isnull=True).update(destroyed_at=timezone.now())
+            StandbyMachine.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
+                                          destroyed_at__isnull=True).update(destroyed_at=timezone.now())
             instance = Instance.objects.filter(pk=parsed[0]).first() if parsed else None
             if instance is not None:
                 instance_event_add(instance=instance, kind=InstanceEvent.Kind.RACE,
@@ -90,6 +100,8 @@ def resume_dead_work() -> list[int]:
         Status.WAKING: tasks.wake_instance,
         Status.DESTROYING: tasks.destroy_instance,
         Status.HIBERNATING: tasks.hibernate_instance,  # resumes: finds or retakes the snapshot first
+        Status.RECOVERING: tasks.recover_instance,
+        Status.FAILBACK: tasks.failback_instance,
     }
     stale = Instance.objects.filter(
         status__in=list(retry),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from django.db.models import Prefetch
+
 from dumont.core.errors import NotFound
-from instances.models import Instance, InstanceEvent, StandbyConfig
+from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
 
 
 def instances_of(user):
-    return Instance.objects.filter(owner=user)
+    # the live standby comes along: the API shows its SSH endpoint during a failover
+    live = StandbyMachine.objects.filter(status__in=StandbyMachine.ACTIVE)
+    return Instance.objects.filter(owner=user).prefetch_related(Prefetch("standbys", queryset=live, to_attr="live_standbys"))
 
 
 def instance_of(*, user, instance_id: int) -> Instance:

@@ -26,6 +26,12 @@ class Status(models.TextChoices):
     FAILED = "failed"
     DESTROYING = "destroying"
     DESTROYED = "destroyed"
+    # a lost GPU machine (instances/lost.py): racing for a new one, then the latest snapshot restored
+    RECOVERING = "recovering"
+    # a lost GPU machine with a CPU standby (instances/standby.py): the user works on the standby...
+    FAILOVER = "failover"
+    # ...until a new GPU is raced for and the standby's workspace copied back to it
+    FAILBACK = "failback"
 
 
 # Terminal: nothing is rented and nothing will happen on its own. A failed instance can still be
@@ -34,12 +40,16 @@ class Status(models.TextChoices):
 TERMINAL = frozenset({Status.FAILED, Status.DESTROYED})
 ACTIVE = frozenset(set(Status) - TERMINAL)
 # A provider machine is (or may be) rented in these states.
-HOLDS_MACHINE = frozenset({Status.LAUNCHING, Status.RUNNING, Status.PAUSED, Status.HIBERNATING, Status.WAKING})
+HOLDS_MACHINE = frozenset({Status.LAUNCHING, Status.RUNNING, Status.PAUSED, Status.HIBERNATING, Status.WAKING,
+                           Status.RECOVERING, Status.FAILBACK})
+# A CPU standby may exist (or be wanted) in these states; in any other its machine is destroyed.
+KEEPS_STANDBY = frozenset({Status.RUNNING, Status.RECOVERING, Status.FAILOVER, Status.FAILBACK})
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     Status.PENDING: frozenset({Status.LAUNCHING, Status.FAILED, Status.DESTROYING}),
     Status.LAUNCHING: frozenset({Status.RUNNING, Status.FAILED, Status.DESTROYING}),
-    Status.RUNNING: frozenset({Status.PAUSED, Status.HIBERNATING, Status.FAILED, Status.DESTROYING}),
+    Status.RUNNING: frozenset({Status.PAUSED, Status.HIBERNATING, Status.FAILED, Status.DESTROYING,
+                               Status.RECOVERING, Status.FAILOVER}),
     Status.PAUSED: frozenset({Status.RUNNING, Status.FAILED, Status.DESTROYING}),
     # a failed snapshot leaves the machine alive and the instance running
     Status.HIBERNATING: frozenset({Status.HIBERNATED, Status.RUNNING, Status.FAILED, Status.DESTROYING}),
@@ -47,6 +57,11 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     # a failed wake leaves the snapshot where it was: back to hibernated, nothing lost
     Status.WAKING: frozenset({Status.RUNNING, Status.HIBERNATED, Status.FAILED, Status.DESTROYING}),
     Status.FAILED: frozenset({Status.DESTROYING}),
+    # a recovery that finds no machine leaves the workspace in its snapshot: hibernated, wake to retry
+    Status.RECOVERING: frozenset({Status.RUNNING, Status.HIBERNATED, Status.DESTROYING}),
+    Status.FAILOVER: frozenset({Status.FAILBACK, Status.RECOVERING, Status.DESTROYING}),
+    # a failback that finds no GPU leaves the user on the standby
+    Status.FAILBACK: frozenset({Status.RUNNING, Status.FAILOVER, Status.DESTROYING}),
     Status.DESTROYING: frozenset({Status.DESTROYED}),
     Status.DESTROYED: frozenset(),
 }

@@ -4,7 +4,7 @@ instance's lifecycle lock), time limits below the broker's visibility timeout.""
 from celery import shared_task
 from django.conf import settings
 
-from instances import agent_setup, hibernation, lifecycle, race
+from instances import agent_setup, hibernation, lifecycle, lost, race, standby
 from instances import reconcile as reconcile_module
 from instances.models import Instance
 from machines.providers.base import RetryableError
@@ -77,3 +77,57 @@ def record_agent_syncs() -> list[int]:
 @shared_task(soft_time_limit=300, time_limit=360)
 def reconcile() -> dict:
     return reconcile_module.reconcile()
+
+
+# ---- lost machines, recovery, standby ------------------------------------------------------------
+
+
+@shared_task(soft_time_limit=60, time_limit=90)
+def lost_machine_sweep() -> dict:
+    return lost.lost_machine_sweep()
+
+
+@shared_task(soft_time_limit=ACTION_TIME_LIMIT, time_limit=ACTION_TIME_LIMIT + 60)
+def check_machine(instance_id: int) -> str:
+    return lost.machine_check_run(instance_id)
+
+
+@shared_task(soft_time_limit=RACE_TIME_LIMIT + SNAPSHOT_TIME_LIMIT, time_limit=RACE_TIME_LIMIT + SNAPSHOT_TIME_LIMIT + 60,
+             **RETRYING)
+def recover_instance(instance_id: int) -> str:
+    return lost.instance_recover_run(instance_id)
+
+
+@shared_task(soft_time_limit=60, time_limit=90)
+def standby_sweep() -> dict:
+    return standby.standby_sweep()
+
+
+STANDBY_TIME_LIMIT = int(settings.STANDBY_BOOT_TIMEOUT_SECONDS + settings.STANDBY_SYNC_TIMEOUT_SECONDS + 300)
+
+
+@shared_task(soft_time_limit=STANDBY_TIME_LIMIT, time_limit=STANDBY_TIME_LIMIT + 60)
+def provision_standby(instance_id: int) -> str:
+    return standby.standby_provision_run(instance_id)
+
+
+@shared_task(soft_time_limit=int(settings.STANDBY_SYNC_TIMEOUT_SECONDS) + 60,
+             time_limit=int(settings.STANDBY_SYNC_TIMEOUT_SECONDS) + 120)
+def sync_standby(instance_id: int) -> str:
+    return standby.standby_sync_run(instance_id)
+
+
+@shared_task(soft_time_limit=ACTION_TIME_LIMIT, time_limit=ACTION_TIME_LIMIT + 60, **RETRYING)
+def destroy_standby(instance_id: int) -> str:
+    return standby.standby_destroy_run(instance_id)
+
+
+@shared_task(soft_time_limit=STANDBY_TIME_LIMIT, time_limit=STANDBY_TIME_LIMIT + 60, **RETRYING)
+def failover_instance(instance_id: int) -> str:
+    return standby.instance_failover_run(instance_id)
+
+
+@shared_task(soft_time_limit=RACE_TIME_LIMIT + STANDBY_TIME_LIMIT, time_limit=RACE_TIME_LIMIT + STANDBY_TIME_LIMIT + 60,
+             **RETRYING)
+def failback_instance(instance_id: int) -> str:
+    return standby.instance_failback_run(instance_id)

@@ -20,6 +20,7 @@ def _base_url(provider: str) -> str | None:
         "local": settings.LOCAL_MARKETPLACE_URL,
         "vastai": settings.VASTAI_API_URL,
         "runpod": settings.RUNPOD_API_URL,
+        "gcp": settings.GCP_COMPUTE_API_URL,
     }.get(provider)
 
 

@@ -56,6 +56,7 @@ class MachineAttempt(models.Model):
         PROVIDER_ERROR = "provider_error"
         FAILED_STATUS = "failed_status"  # exited / unknown / offline
         ABANDONED = "abandoned"  # the race ended (cancelled, crashed worker) before this one finished
+        MACHINE_LOST = "machine_lost"  # a running machine vanished (instances/lost.py): a failure of its host
 
     class Stage(models.TextChoices):
         NONE = ""

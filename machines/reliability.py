@@ -21,9 +21,10 @@ from machines.models import MachineAttempt, MachineBlacklist, MachineStats
 from machines.providers.base import Offer
 
 Outcome = MachineAttempt.Outcome
-FAILURES = frozenset({Outcome.BOOT_TIMEOUT, Outcome.SSH_FAILED, Outcome.PROVIDER_ERROR, Outcome.FAILED_STATUS})
+FAILURES = frozenset({Outcome.BOOT_TIMEOUT, Outcome.SSH_FAILED, Outcome.PROVIDER_ERROR, Outcome.FAILED_STATUS,
+                      Outcome.MACHINE_LOST})
 # failures that say the host itself is broken (not just slow or busy): blacklisted for longer
-SEVERE_FAILURES = frozenset({Outcome.SSH_FAILED, Outcome.FAILED_STATUS})
+SEVERE_FAILURES = frozenset({Outcome.SSH_FAILED, Outcome.FAILED_STATUS, Outcome.MACHINE_LOST})
 
 
 def attempt_verdict(attempt: MachineAttempt) -> bool | None:

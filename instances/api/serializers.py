@@ -1,6 +1,8 @@
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from instances.models import Instance, InstanceEvent, StandbyConfig
+from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
+from instances.states import Status
 
 
 class InstanceEventSerializer(serializers.ModelSerializer):
@@ -20,15 +22,41 @@ class MachineSerializer(serializers.ModelSerializer):
         ]
 
 
+class SSHEndpointSerializer(serializers.Serializer):
+    on = serializers.ChoiceField(choices=["gpu", "standby"], help_text="Which machine answers: the GPU or the standby.")
+    host = serializers.CharField()
+    port = serializers.IntegerField()
+    user = serializers.CharField()
+    host_key = serializers.CharField()
+
+
+def ssh_endpoint(instance: Instance) -> dict | None:
+    """Where the user SSHes now: the GPU machine, or during a failover/failback the CPU standby."""
+    if instance.status in (Status.FAILOVER, Status.FAILBACK):
+        standbys = getattr(instance, "live_standbys", None)
+        if standbys is None:
+            standbys = list(instance.standbys.filter(status=StandbyMachine.Status.READY))
+        standby = next((s for s in standbys if s.status == StandbyMachine.Status.READY), None)
+        if standby is None:
+            return None
+        return {"on": "standby", "host": standby.ssh_host, "port": standby.ssh_port, "user": standby.ssh_user,
+                "host_key": standby.ssh_host_key}
+    if not instance.provider_instance_id or not instance.ssh_host:
+        return None
+    return {"on": "gpu", "host": instance.ssh_host, "port": instance.ssh_port, "user": instance.ssh_user,
+            "host_key": instance.ssh_host_key}
+
+
 class InstanceSerializer(serializers.ModelSerializer):
     machine = serializers.SerializerMethodField()
+    ssh = serializers.SerializerMethodField()
 
     class Meta:
         model = Instance
         fields = [
             "id", "name", "provider", "provider_account", "gpu_name", "num_gpus", "max_price_per_hour",
             "disk_gb", "image", "region", "interruptible", "status", "status_reason", "status_changed_at",
-            "machine", "keep_awake_until", "created_at", "updated_at",
+            "machine", "ssh", "keep_awake_until", "created_at", "updated_at",
         ]
         read_only_fields = fields
 
@@ -36,6 +64,10 @@ class InstanceSerializer(serializers.ModelSerializer):
         if not instance.provider_instance_id:
             return None
         return MachineSerializer(instance).data
+
+    @extend_schema_field(SSHEndpointSerializer(allow_null=True))
+    def get_ssh(self, instance) -> dict | None:
+        return ssh_endpoint(instance)
 
 
 class InstanceDetailSerializer(InstanceSerializer):
@@ -57,6 +89,31 @@ class StandbyConfigSerializer(serializers.ModelSerializer):
             "auto_failover", "auto_recovery", "updated_at",
         ]
         read_only_fields = ["updated_at"]
+
+
+class StandbyMachineSerializer(serializers.ModelSerializer):
+    """A standby as its owner sees it (never its mirror key)."""
+
+    class Meta:
+        model = StandbyMachine
+        fields = ["id", "status", "provider", "zone", "machine_type", "spot", "provider_instance_id", "ssh_host",
+                  "ssh_port", "ssh_user", "ssh_host_key", "price_per_hour", "last_sync_at", "last_sync_seconds",
+                  "last_sync_error", "syncs", "error", "created_at", "ready_at", "destroyed_at"]
+        read_only_fields = fields
+
+
+class StandbyInstanceSerializer(serializers.Serializer):
+    instance = serializers.IntegerField(source="instance.pk")
+    name = serializers.CharField(source="instance.name")
+    status = serializers.CharField(source="instance.status")
+    standby = StandbyMachineSerializer(allow_null=True)
+    lag_seconds = serializers.FloatField(allow_null=True, help_text="Age of the mirror: seconds since the last good "
+                                                                     "sync started (null: never synced).")
+
+
+class StandbyStatusSerializer(serializers.Serializer):
+    enabled = serializers.BooleanField()
+    instances = StandbyInstanceSerializer(many=True)
 
 
 class InstanceCreateSerializer(serializers.Serializer):
@@ -135,6 +192,7 @@ class TimingSerializer(serializers.Serializer):
 class SpendSerializer(serializers.Serializer):
     machines = _money()
     race_losers = _money()
+    standby = _money()
     total = _money()
 
 

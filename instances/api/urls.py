@@ -10,5 +10,6 @@ urlpatterns = [
     path("metrics", views.MetricsView.as_view(), name="metrics"),
     path("metrics/savings/real", views.SavingsView.as_view(), name="savings"),
     path("standby", views.StandbyConfigView.as_view(), name="standby"),
+    path("standby/status", views.StandbyStatusView.as_view(), name="standby-status"),
     *router.urls,
 ]

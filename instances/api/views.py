@@ -4,7 +4,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from instances import metrics, selectors, services
+from instances import metrics, selectors, services, standby
 from instances.api.serializers import (
     DaysSerializer,
     EventQuerySerializer,
@@ -16,6 +16,7 @@ from instances.api.serializers import (
     MetricsSerializer,
     SavingsSerializer,
     StandbyConfigSerializer,
+    StandbyStatusSerializer,
     WakeSerializer,
 )
 from instances.filters import InstanceFilter
@@ -75,6 +76,21 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         instance = services.instance_wake_request(instance=self.get_object(), **body.validated_data)
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
+    @extend_schema(request=None, responses={202: InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def failover(self, request, pk=None):
+        """A failover drill: one last mirror sync, then the instance works on its CPU standby (its GPU
+        machine is destroyed). 409 without a standby that has mirrored at least once."""
+        instance = standby.instance_failover_request(instance=self.get_object())
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def failback(self, request, pk=None):
+        """From `failover`: race for a GPU, copy the standby's workspace to it, switch back."""
+        instance = standby.instance_failback_request(instance=self.get_object())
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
     @extend_schema(request=KeepAwakeSerializer, responses=InstanceSerializer)
     @action(detail=True, methods=["post"], url_path="keep-awake")
     def keep_awake(self, request, pk=None):
@@ -127,3 +143,13 @@ class StandbyConfigView(APIView):
         serializer.is_valid(raise_exception=True)
         config = services.standby_config_update(owner=request.user, **serializer.validated_data)
         return Response(StandbyConfigSerializer(config).data)
+
+
+class StandbyStatusView(APIView):
+    """Each of your live GPU instances with its standby: machine, last sync and the mirror's lag."""
+
+    @extend_schema(responses=StandbyStatusSerializer)
+    def get(self, request):
+        config = selectors.standby_config_of(request.user)
+        return Response(StandbyStatusSerializer({"enabled": config.enabled,
+                                                 "instances": standby.standby_status(owner=request.user)}).data)

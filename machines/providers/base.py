@@ -151,6 +151,14 @@ class Provider(abc.ABC):
     def destroy(self, instance_id: str) -> None:
         """Idempotent: an instance already gone is a success."""
 
+    def standby_offer(self, *, zone: str, machine_type: str, disk_gb: int, spot: bool) -> Offer:
+        """The offer a CPU standby machine is rented from (a machine that mirrors a GPU workspace).
+
+        GCP: `machine_type` in `zone`, priced from the adapter's table. A marketplace: its cheapest
+        CPU-only offer (zone and machine type are hints it may ignore). CapacityError when none.
+        """
+        raise FatalError(f"{self.name} does not rent CPU standby machines", provider=self.name)
+
     def stop(self, instance_id: str) -> None:
         raise FatalError(f"{self.name} cannot stop instances", provider=self.name)
 

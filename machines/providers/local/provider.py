@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from machines.providers.base import register_provider
+from machines.providers.base import CapacityError, Offer, OfferQuery, register_provider
 from machines.providers.vastai import VastAIProvider
 
 
@@ -20,3 +20,11 @@ class LocalProvider(VastAIProvider):
         super().__init__(
             api_key or "local", base_url=root + "/", timeout=timeout, max_attempts=max_attempts, **kwargs
         )
+
+    def standby_offer(self, *, zone: str, machine_type: str, disk_gb: int, spot: bool) -> Offer:
+        """The marketplace's cheapest CPU-only offer (gpu_name "CPU"); zone, machine type and spot are
+        GCP notions this marketplace ignores."""
+        offers = self.search_offers(OfferQuery(gpu_name="CPU", num_gpus=0, min_disk_gb=disk_gb, limit=1))
+        if not offers:
+            raise CapacityError("no CPU-only offer on the local marketplace", provider=self.name)
+        return offers[0]

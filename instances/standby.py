@@ -1,0 +1,548 @@
+"""CPU standby: a cheap machine that mirrors a GPU instance's workspace, for failover and failback.
+
+- **Provision**: while a GPU instance of a user whose StandbyConfig is enabled is `running`, the standby
+  sweep (beat) provisions one CPU machine for it (GCP, or the local marketplace's CPU-only offers). The
+  StandbyMachine row is the intent, written before the provider is called; the machine's label
+  `<instance label>-s<standby id>` is how reconcile tells it from an orphan. A standby that cannot be
+  provisioned is an event (and a `failed` row, retried after STANDBY_RETRY_SECONDS): the GPU instance
+  is never touched by it.
+- **Mirror**: every `sync_interval_seconds` the GPU machine rsyncs its workspace to the standby
+  (`rsync -a --delete`: incremental, deletions mirrored), over SSH with a per-standby mirror key whose
+  public half only the standby trusts, and the standby's host key pinned (StrictHostKeyChecking=yes).
+  Machine to machine: the data never passes through the control plane. `last_sync_at` is when the last
+  good sync *started*: the mirror holds the workspace as of then (each file old or new, never torn:
+  rsync writes a temporary file and renames it).
+- **Failover** (a lost GPU machine with auto_failover, or `POST /instances/{id}/failover` for a drill):
+  `failover`, the instance's SSH endpoint is the standby's; the lost machine is destroyed. A drill first
+  runs one last sync from the (healthy) GPU machine, so it loses nothing; then it destroys that machine.
+- **Failback** (automatic with auto_recovery, or `POST /instances/{id}/failback`): `failback`: a race for
+  a GPU while the user keeps working on the standby; the standby's workspace is pulled onto the winner
+  (a bulk pass, the agent started, then a last delta pass), then `running` on the GPU and the mirror
+  resumes. Writes to the standby after the last pass are not carried over (seconds; documented in the
+  README). A failback that finds no GPU goes back to `failover` and is retried.
+- **Destroy / hibernate**: the standby goes with the instance's machine (hibernation's snapshot is enough).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from dumont.core.errors import Conflict
+from dumont.core.locks import advisory_lock
+from instances import agent_setup
+from instances.lifecycle import MACHINE_FIELDS_CLEARED, instance_locked
+from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
+from instances.race import race_locked
+from instances.services import instance_event_add
+from instances.states import KEEPS_STANDBY, Status, transition
+from machines.clients import ACCOUNTLESS_PROVIDERS, provider_client
+from machines.keys import control_plane_key_path, control_plane_public_key
+from machines.models import ProviderAccount, SSHKey
+from machines.providers.base import STATUS_FAILED, STATUS_GONE, LaunchRequest, ProviderError
+from machines.ssh import SSHError, SSHSession, SSHTarget, connect, wait_for_ssh
+
+log = logging.getLogger(__name__)
+STANDBY_LOCK = "instance-standby"
+Kind = InstanceEvent.Kind
+
+
+class StandbyError(Exception):
+    """A standby step failed (no account, rsync error, ...): an event, never a crash of the GPU instance."""
+
+
+# ---- reads -----------------------------------------------------------------------------------
+
+
+def active_standby(instance_id: int, *, ready: bool = False) -> StandbyMachine | None:
+    statuses = [StandbyMachine.Status.READY] if ready else list(StandbyMachine.ACTIVE)
+    return StandbyMachine.objects.filter(instance_id=instance_id, status__in=statuses).order_by("-id").first()
+
+
+def standby_target(standby: StandbyMachine) -> SSHTarget:
+    return SSHTarget(standby.ssh_host, standby.ssh_port or 22, standby.ssh_user or "root", standby.ssh_host_key)
+
+
+def lag_seconds(standby: StandbyMachine | None, now: datetime | None = None) -> float | None:
+    """How old the mirror is: seconds since the last good sync started (None: never synced)."""
+    if standby is None or standby.last_sync_at is None:
+        return None
+    return round(((now or timezone.now()) - standby.last_sync_at).total_seconds(), 1)
+
+
+def standby_status(*, owner) -> list[dict]:
+    """Each of the owner's live GPU instances with its standby (`GET /api/v1/standby/status`)."""
+    now = timezone.now()
+    instances = Instance.objects.filter(owner=owner).exclude(status__in=[Status.DESTROYED, Status.FAILED])
+    latest: dict[int, StandbyMachine] = {}
+    for standby in StandbyMachine.objects.filter(instance__in=instances).order_by("instance_id", "-id"):
+        latest.setdefault(standby.instance_id, standby)
+    return [{"instance": i, "standby": latest.get(i.pk), "lag_seconds": lag_seconds(latest.get(i.pk), now)}
+            for i in instances.order_by("id")]
+
+
+# ---- the sweep ----------------------------------------------------------------------------------
+
+
+def standby_sweep(*, batch_size: int = 500) -> dict:
+    """Periodic (beat): provision missing standbys, start due syncs, destroy unwanted standbys, retry
+    automatic failbacks. Each task re-checks under its own lock; two sweeps at once do nothing twice."""
+    from instances import tasks
+
+    with advisory_lock("standby-sweep", 0) as acquired:
+        if not acquired:
+            return {"skipped": True}
+        now = timezone.now()
+        enabled_owners = StandbyConfig.objects.filter(enabled=True).values("owner_id")
+        retry_after = now - timedelta(seconds=settings.STANDBY_RETRY_SECONDS)
+        wanting = list(
+            Instance.objects.filter(status=Status.RUNNING, owner_id__in=enabled_owners)
+            .exclude(standbys__status__in=StandbyMachine.ACTIVE)
+            .exclude(standbys__status=StandbyMachine.Status.FAILED, standbys__created_at__gte=retry_after)
+            .order_by("id").values_list("id", flat=True)[:batch_size]
+        )
+        for instance_id in wanting:
+            tasks.provision_standby.delay(instance_id)
+        due = []
+        for standby in (StandbyMachine.objects.filter(status=StandbyMachine.Status.READY,
+                                                      instance__status=Status.RUNNING)
+                        .select_related("instance__owner__standby_config").order_by("id")[:batch_size]):
+            interval = standby.instance.owner.standby_config.sync_interval_seconds
+            if standby.last_sync_at is None or standby.last_sync_at <= now - timedelta(seconds=interval):
+                due.append(standby.instance_id)
+                tasks.sync_standby.delay(standby.instance_id)
+        unwanted = list(
+            StandbyMachine.objects.filter(status__in=StandbyMachine.ACTIVE)
+            .filter(~Q(instance__status__in=sorted(KEEPS_STANDBY))
+                    | Q(instance__status=Status.RUNNING, instance__owner_id__in=StandbyConfig.objects.filter(
+                        enabled=False).values("owner_id")))
+            .order_by("id").values_list("instance_id", flat=True)[:batch_size]
+        )
+        for instance_id in unwanted:
+            tasks.destroy_standby.delay(instance_id)
+        failing_back = list(
+            Instance.objects.filter(status=Status.FAILOVER, owner__standby_config__auto_recovery=True,
+                                    status_changed_at__lte=retry_after)
+            .order_by("id").values_list("id", flat=True)[:batch_size]
+        )
+        for instance_id in failing_back:
+            tasks.failback_instance.delay(instance_id)
+        return {"provisioning": wanting, "syncing": due, "destroying": unwanted, "failing_back": failing_back}
+
+
+# ---- provisioning -------------------------------------------------------------------------------
+
+
+def mirror_keypair() -> tuple[str, str]:
+    """A fresh ed25519 key for one standby: (OpenSSH private key text, public key line)."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public.decode() + " dumont-standby-mirror"
+
+
+def _account(config: StandbyConfig) -> ProviderAccount | None:
+    if config.provider in ACCOUNTLESS_PROVIDERS:
+        return None
+    account = ProviderAccount.objects.filter(owner_id=config.owner_id, provider=config.provider).order_by("id").first()
+    if account is None:
+        raise StandbyError(f"no {config.provider} provider account to rent the standby with")
+    return account
+
+
+def _client(standby: StandbyMachine):
+    return provider_client(standby.provider, standby.provider_account)
+
+
+def standby_provision_run(instance_id: int) -> str:
+    """Rent, boot and check the CPU machine, then mirror the workspace to it once. Returns ready / failed / skipped."""
+    with advisory_lock(STANDBY_LOCK, instance_id) as acquired:
+        if not acquired:
+            return "busy"
+        instance = Instance.objects.select_related("owner").get(pk=instance_id)
+        config = StandbyConfig.objects.filter(owner=instance.owner).first()
+        if instance.status != Status.RUNNING or config is None or not config.enabled or active_standby(instance_id):
+            return "skipped"
+        private, public = mirror_keypair()
+        standby = StandbyMachine.objects.create(
+            instance=instance, provider=config.provider, zone=config.zone, machine_type=config.machine_type,
+            spot=config.spot, mirror_private_key=private, mirror_public_key=public,
+        )
+        standby.label = f"{instance.label}-s{standby.pk}"
+        standby.save(update_fields=["label"])
+        instance_event_add(instance=instance, kind=Kind.STANDBY, message=f"provisioning a {config.provider} standby",
+                           data={"standby": standby.pk, "zone": config.zone, "machine_type": config.machine_type})
+        started = time.monotonic()
+        try:
+            standby.provider_account = _account(config)
+            standby.save(update_fields=["provider_account"])
+            _rent(standby, config)
+        except (ProviderError, SSHError, StandbyError) as exc:
+            _standby_failed(standby, f"the standby could not be provisioned: {exc}")
+            return "failed"
+        seconds = round(time.monotonic() - started, 1)
+        instance_event_add(
+            instance=instance, kind=Kind.STANDBY,
+            message=f"standby ready on {standby.ssh_host}:{standby.ssh_port} (${standby.price_per_hour}/h) "
+                    f"after {seconds:.0f}s",
+            data={"standby": standby.pk, "seconds": seconds, "price_per_hour": str(standby.price_per_hour or 0)},
+        )
+        return _sync_locked(instance_id)
+
+
+def _rent(standby: StandbyMachine, config: StandbyConfig) -> None:
+    client = _client(standby)
+    offer = client.standby_offer(zone=config.zone, machine_type=config.machine_type, disk_gb=config.disk_gb,
+                                 spot=config.spot)
+    owner_keys = SSHKey.objects.filter(owner_id=standby.instance.owner_id).values_list("public_key", flat=True)
+    launch = LaunchRequest(label=standby.label, image=settings.STANDBY_IMAGE, disk_gb=config.disk_gb,
+                           ssh_public_keys=(control_plane_public_key(), standby.mirror_public_key, *owner_keys),
+                           interruptible=config.spot)
+    machine = client.create(offer, launch)
+    StandbyMachine.objects.filter(pk=standby.pk).update(provider_instance_id=machine.instance_id,
+                                                        price_per_hour=offer.price_per_hour)
+    standby.provider_instance_id, standby.price_per_hour = machine.instance_id, offer.price_per_hour
+    deadline = time.monotonic() + settings.STANDBY_BOOT_TIMEOUT_SECONDS
+    while not machine.ssh_ready:
+        if machine.status in (STATUS_FAILED, STATUS_GONE):
+            raise StandbyError(f"the provider reports the standby {machine.raw_status or machine.status}")
+        if time.monotonic() > deadline:
+            raise StandbyError(f"not running after {settings.STANDBY_BOOT_TIMEOUT_SECONDS:.0f}s ({machine.raw_status})")
+        time.sleep(settings.RACE_POLL_INTERVAL_SECONDS)
+        machine = client.get(machine.instance_id)
+    target = SSHTarget(machine.ssh_host, machine.ssh_port, machine.ssh_user or "root", machine.ssh_host_key)
+    # the host key is pinned at first contact when the provider does not report it (as in the race)
+    with wait_for_ssh(target, control_plane_key_path(), deadline) as session:
+        session.run(_PREPARE_STANDBY, timeout=600, check=True)
+        target = session.target
+    standby.ssh_host, standby.ssh_port, standby.ssh_user, standby.ssh_host_key = (
+        target.host, target.port, target.user, target.host_key)
+    standby.status, standby.ready_at = StandbyMachine.Status.READY, timezone.now()
+    standby.save(update_fields=["ssh_host", "ssh_port", "ssh_user", "ssh_host_key", "status", "ready_at"])
+
+
+_INSTALL_RSYNC = ("command -v rsync >/dev/null 2>&1 || "
+                  "{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync openssh-client; }"
+                  " >/dev/null 2>&1; command -v rsync >/dev/null")
+_WORKSPACE = '"${DUMONT_WORKSPACE:-/workspace}"'
+_PREPARE_STANDBY = f"{_INSTALL_RSYNC} && mkdir -p {_WORKSPACE}"
+
+
+def _standby_failed(standby: StandbyMachine, reason: str) -> None:
+    """Record the failure, destroy its machine if one was rented (reconcile retries a failed destroy)."""
+    destroyed = _destroy_machine(standby)
+    StandbyMachine.objects.filter(pk=standby.pk).update(
+        status=StandbyMachine.Status.FAILED, error=reason[:2000],
+        destroyed_at=timezone.now() if destroyed else None,
+    )
+    log.warning("standby %s of instance %s: %s", standby.pk, standby.instance_id, reason)
+    instance_event_add(instance=standby.instance, kind=Kind.STANDBY, message=reason,
+                       data={"standby": standby.pk, "failed": True})
+
+
+def _destroy_machine(standby: StandbyMachine) -> bool:
+    if not standby.provider_instance_id:
+        return True
+    try:
+        _client(standby).destroy(standby.provider_instance_id)
+    except ProviderError as exc:
+        log.warning("standby %s: destroy failed (%s); reconcile retries", standby.pk, exc)
+        return False
+    return True
+
+
+# ---- the mirror -----------------------------------------------------------------------------------
+
+
+def _known_host(standby: StandbyMachine) -> str:
+    return f"{standby_target(standby).known_hosts_name} {standby.ssh_host_key}"
+
+
+def rsync_script(standby: StandbyMachine, *, pull: bool) -> str:
+    """Shell run on the GPU machine: push its workspace to the standby, or (`pull`) the standby's back.
+
+    The mirror key and the standby's pinned host key come in the environment (over stdin, never argv).
+    """
+    target = standby_target(standby)
+    ssh = ("ssh -F /dev/null -i $d/key -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes "
+           f"-o UserKnownHostsFile=$d/known_hosts -o GlobalKnownHostsFile=/dev/null -o ConnectTimeout=15 "
+           f"-o ServerAliveInterval=15 -p {int(target.port)}")
+    remote_path = shlex.quote(f"mkdir -p {_WORKSPACE} && cd {_WORKSPACE} && rsync")
+    remote = shlex.quote(f"{target.user}@{target.host}:./")
+    source, destination = (remote, "./") if pull else ("./", remote)
+    return "\n".join([
+        "set -e",
+        'd="$HOME/.dumont/standby"',
+        'mkdir -p "$d" && chmod 700 "$d"',
+        "umask 077",
+        'printf "%s\\n" "$MIRROR_KEY" > "$d/key"',
+        'printf "%s\\n" "$MIRROR_KNOWN_HOST" > "$d/known_hosts"',
+        _INSTALL_RSYNC,
+        f"mkdir -p {_WORKSPACE} && cd {_WORKSPACE}",
+        f'rsync -a --delete --stats -e "{ssh}" --rsync-path={remote_path} {source} {destination}',
+    ])
+
+
+def mirror(session: SSHSession, standby: StandbyMachine, *, pull: bool = False) -> dict:
+    """Run one rsync on the GPU machine of `session`. Returns its figures; raises StandbyError."""
+    env = {"MIRROR_KEY": standby.mirror_private_key, "MIRROR_KNOWN_HOST": _known_host(standby)}
+    result = session.run(rsync_script(standby, pull=pull), env=env, timeout=settings.STANDBY_SYNC_TIMEOUT_SECONDS)
+    if not result.ok:
+        raise StandbyError(f"rsync exited {result.exit_code}: {result.stderr.strip()[-500:]}")
+    stats = {}
+    for line in result.stdout.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("Number of files", "Number of regular files transferred", "Total transferred file size"):
+            stats[name.lower().replace(" ", "_")] = value.strip().split(" ")[0].replace(",", "")
+    return stats
+
+
+def standby_sync_run(instance_id: int) -> str:
+    with advisory_lock(STANDBY_LOCK, instance_id) as acquired:
+        if not acquired:
+            return "busy"  # a sync (or provisioning) of this standby is running
+        return _sync_locked(instance_id)
+
+
+def _gpu_target(instance: Instance) -> SSHTarget:
+    return SSHTarget(instance.ssh_host, instance.ssh_port or 22, instance.ssh_user or "root", instance.ssh_host_key)
+
+
+def _sync_locked(instance_id: int) -> str:
+    """GPU -> standby, once. A failure is recorded; a standby the provider says is gone is replaced."""
+    instance = Instance.objects.get(pk=instance_id)
+    standby = active_standby(instance_id, ready=True)
+    if instance.status != Status.RUNNING or standby is None:
+        return "skipped"
+    started_at, started = timezone.now(), time.monotonic()
+    try:
+        with connect(_gpu_target(instance), control_plane_key_path()) as session:
+            stats = mirror(session, standby)
+    except (SSHError, StandbyError) as exc:
+        first_failure = not standby.last_sync_error
+        StandbyMachine.objects.filter(pk=standby.pk).update(last_sync_error=str(exc)[:2000])
+        if _standby_lost(standby):
+            _standby_failed(standby, f"the standby was lost ({exc}); a new one will be provisioned")
+        elif first_failure:
+            instance_event_add(instance=instance, kind=Kind.STANDBY, message=f"standby sync failed: {exc}",
+                               data={"standby": standby.pk, "sync_failed": True})
+        return "failed"
+    seconds = round(time.monotonic() - started, 3)
+    StandbyMachine.objects.filter(pk=standby.pk).update(last_sync_at=started_at, last_sync_seconds=seconds,
+                                                        last_sync_error="", syncs=standby.syncs + 1)
+    if standby.syncs == 0 or standby.last_sync_error:
+        instance_event_add(instance=instance, kind=Kind.STANDBY,
+                           message=f"standby mirror in sync ({seconds:.1f}s)",
+                           data={"standby": standby.pk, "seconds": seconds, **stats})
+    return "synced"
+
+
+def _standby_lost(standby: StandbyMachine) -> bool:
+    try:
+        machine = _client(standby).get(standby.provider_instance_id)
+    except ProviderError:
+        return False  # cannot tell: keep it, the next sync tries again
+    return machine.status in (STATUS_FAILED, STATUS_GONE)
+
+
+# ---- failover and failback -----------------------------------------------------------------------
+
+
+def failover_to(instance: Instance, standby: StandbyMachine, *, lost: dict, reason: str, detected_at: datetime,
+                last_heartbeat: datetime | None, drill: bool = False) -> None:
+    """running -> failover: the standby's SSH endpoint is the instance's. The caller holds the lifecycle lock
+    and destroys the GPU machine afterwards."""
+    from instances import tasks
+
+    now = timezone.now()
+    last_alive = last_heartbeat or detected_at
+    work_lost = max(0.0, (last_alive - standby.last_sync_at).total_seconds())
+    data = {
+        "standby": standby.pk, "lost": lost, "drill": drill, "recovery_point": standby.last_sync_at.isoformat(),
+        "work_lost_seconds": round(work_lost, 1),
+        "detection_seconds": round((detected_at - last_heartbeat).total_seconds(), 1) if last_heartbeat else None,
+        "failover_seconds": round((now - detected_at).total_seconds(), 3),
+        "ssh": {"host": standby.ssh_host, "port": standby.ssh_port, "user": standby.ssh_user},
+    }
+    config = StandbyConfig.objects.filter(owner=instance.owner_id).first()
+    with transaction.atomic():
+        transition(instance.pk, Status.FAILOVER, expected=Status.RUNNING,
+                   message=f"failover ({reason}): work on the standby {standby.ssh_user}@{standby.ssh_host}:"
+                           f"{standby.ssh_port}", data=data, **MACHINE_FIELDS_CLEARED)
+        instance_event_add(
+            instance=instance, kind=Kind.STANDBY,
+            message=f"failed over in {data['failover_seconds']:.1f}s after detection; the mirror holds the workspace "
+                    f"as of {standby.last_sync_at:%H:%M:%S} UTC ({work_lost:.0f}s of work lost)",
+            data=data,
+        )
+        if config is not None and config.auto_recovery:
+            transaction.on_commit(lambda: tasks.failback_instance.delay(instance.pk))
+
+
+def instance_failover_request(*, instance: Instance) -> Instance:
+    """A failover drill: 409 unless running with a standby that has mirrored at least once."""
+    from instances import tasks
+
+    if instance.status != Status.RUNNING:
+        raise Conflict(f"Cannot fail over an instance that is {instance.status}.", code="invalid_state",
+                       data={"status": instance.status})
+    standby = active_standby(instance.pk, ready=True)
+    if standby is None or standby.last_sync_at is None:
+        raise Conflict("This instance has no standby with a mirror yet; enable standby and wait for its first sync.",
+                       code="no_standby")
+    instance_event_add(instance=instance, kind=Kind.STANDBY, message="failover requested (drill)")
+    transaction.on_commit(lambda: tasks.failover_instance.delay(instance.pk))
+    return instance
+
+
+def instance_failover_run(instance_id: int) -> str:
+    """The drill: a last sync from the healthy GPU machine, failover, then that machine is destroyed."""
+    with instance_locked(instance_id) as instance, advisory_lock(
+            STANDBY_LOCK, instance_id, wait_seconds=settings.STANDBY_SYNC_TIMEOUT_SECONDS) as acquired:
+        if instance.status != Status.RUNNING or not acquired:
+            return "skipped"
+        synced = _sync_locked(instance_id)
+        standby = active_standby(instance_id, ready=True)
+        if standby is None or standby.last_sync_at is None:
+            instance_event_add(instance=instance, kind=Kind.STANDBY, message="failover drill aborted: no standby mirror")
+            return "no-standby"
+        machine = {"provider_instance_id": instance.provider_instance_id, "host_id": instance.host_id,
+                   "price_per_hour": str(instance.price_per_hour or 0)}
+        now = timezone.now()
+        failover_to(instance, standby, lost=machine, reason=f"drill, last sync {synced}", detected_at=now,
+                    last_heartbeat=standby.last_sync_at if synced == "synced" else now, drill=True)
+        try:
+            provider_client(instance.provider, instance.provider_account).destroy(machine["provider_instance_id"])
+        except ProviderError as exc:  # no longer owned: reconcile destroys it
+            instance_event_add(instance=instance, kind=Kind.ERROR, message=f"the GPU machine could not be destroyed yet: {exc}")
+        return "failover"
+
+
+def instance_failback_request(*, instance: Instance) -> Instance:
+    from instances import tasks
+
+    if instance.status != Status.FAILOVER:
+        raise Conflict(f"Cannot fail back an instance that is {instance.status}.", code="invalid_state",
+                       data={"status": instance.status})
+    with transaction.atomic():
+        instance = transition(instance.pk, Status.FAILBACK, expected=Status.FAILOVER, message="failback requested")
+        transaction.on_commit(lambda: tasks.failback_instance.delay(instance.pk))
+    return instance
+
+
+def instance_failback_run(instance_id: int) -> str:
+    """failback: race for a GPU, pull the standby's workspace onto it, agent, running; the mirror resumes."""
+    with instance_locked(instance_id) as instance:
+        if instance.status == Status.FAILOVER:  # automatic failback (auto_recovery)
+            instance = transition(instance.pk, Status.FAILBACK, expected=Status.FAILOVER,
+                                  message="failback started (auto recovery)")
+        if instance.status != Status.FAILBACK:
+            return "skipped"
+        standby = active_standby(instance_id, ready=True)
+        if standby is None:
+            raise StandbyError(f"instance {instance_id} is failing back without a standby")
+        began = instance.status_changed_at
+        timings: dict[str, float] = {}
+        if not instance.provider_instance_id:
+            started = time.monotonic()
+            outcome = race_locked(instance.pk, avoid_hosts=_lost_hosts(instance))
+            timings["race"] = round(time.monotonic() - started, 3)
+            if outcome != "won":
+                return outcome  # back to failover: the user stays on the standby, the sweep retries
+            instance.refresh_from_db()
+        # a periodic sync cannot start (instance not running) but one may be finishing: wait for it
+        with advisory_lock(STANDBY_LOCK, instance_id, wait_seconds=settings.STANDBY_SYNC_TIMEOUT_SECONDS):
+            try:
+                with connect(_gpu_target(instance), control_plane_key_path()) as session:
+                    started = time.monotonic()
+                    stats = mirror(session, standby, pull=True)
+                    timings["copy"] = round(time.monotonic() - started, 3)
+                    started = time.monotonic()
+                    agent_setup.agent_start(instance)
+                    timings["agent"] = round(time.monotonic() - started, 3)
+                    started, last_pass_at = time.monotonic(), timezone.now()
+                    mirror(session, standby, pull=True)  # what was written meanwhile
+                    timings["last_pass"] = round(time.monotonic() - started, 3)
+            except (SSHError, StandbyError) as exc:
+                provider_client(instance.provider, instance.provider_account).destroy(instance.provider_instance_id)
+                transition(instance.pk, Status.FAILOVER, expected=Status.FAILBACK,
+                           message=f"failback failed: copying the workspace back failed ({exc}); "
+                                   "still on the standby", **MACHINE_FIELDS_CLEARED)
+                return "copy-failed"
+            timings["total"] = round((timezone.now() - began).total_seconds(), 3)
+            transition(instance.pk, Status.RUNNING, expected=Status.FAILBACK,
+                       message=f"failed back to {instance.host_id} in {timings['total']:.1f}s",
+                       data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name,
+                             "timings": timings})
+            # the GPU now holds what the standby held at the last pass: that is the mirror's point
+            StandbyMachine.objects.filter(pk=standby.pk).update(last_sync_at=last_pass_at, last_sync_error="",
+                                                                syncs=standby.syncs + 1)
+        instance_event_add(instance=instance, kind=Kind.STANDBY,
+                           message=f"failback done in {timings['total']:.1f}s: the standby's workspace is on the GPU "
+                                   "machine; mirroring resumes",
+                           data={"timings": timings, **stats})
+        return "running"
+
+
+def _lost_hosts(instance: Instance) -> tuple[str, ...]:
+    """The host the last failover fled from, unless it was a drill: the failback race avoids it."""
+    failover = (instance.events.filter(kind=Kind.STATUS, data__to=Status.FAILOVER).order_by("-id")
+                .values_list("data", flat=True).first()) or {}
+    host = (failover.get("lost") or {}).get("host_id")
+    return (host,) if host and not failover.get("drill") else ()
+
+
+# ---- destroy -----------------------------------------------------------------------------------
+
+
+def standby_destroy(instance: Instance, *, reason: str) -> int:
+    """Destroy the instance's standby machines (and retry those whose destroy failed). Raises ProviderError
+    if a provider refuses: the calling task retries."""
+    destroyed = 0
+    for standby in StandbyMachine.objects.filter(instance=instance, destroyed_at__isnull=True).order_by("id"):
+        if standby.provider_instance_id:
+            _client(standby).destroy(standby.provider_instance_id)
+        StandbyMachine.objects.filter(pk=standby.pk).update(
+            status=StandbyMachine.Status.DESTROYED if standby.status in StandbyMachine.ACTIVE else standby.status,
+            destroyed_at=timezone.now())
+        destroyed += 1
+        instance_event_add(instance=instance, kind=Kind.STANDBY, message=f"standby destroyed ({reason})",
+                           data={"standby": standby.pk})
+    return destroyed
+
+
+def standby_destroy_run(instance_id: int) -> str:
+    """The sweep's: destroy a standby its instance no longer wants (left the states that keep one, or disabled)."""
+    with advisory_lock(STANDBY_LOCK, instance_id, wait_seconds=30) as acquired:
+        if not acquired:
+            return "busy"
+        instance = Instance.objects.select_related("owner").get(pk=instance_id)
+        config = StandbyConfig.objects.filter(owner=instance.owner).first()
+        wanted = instance.status in KEEPS_STANDBY and (
+            instance.status != Status.RUNNING or (config is not None and config.enabled))
+        if wanted:
+            return "skipped"
+        return "destroyed" if standby_destroy(instance, reason=f"instance {instance.status}") else "skipped"
+
+
+def standby_spend(instances, *, since: datetime, until: datetime) -> Decimal:
+    """Dollars the standbys of these instances cost in [since, until] (their $/h while rented)."""
+    total = Decimal(0)
+    for standby in StandbyMachine.objects.filter(instance__in=instances, price_per_hour__isnull=False).filter(
+            Q(destroyed_at__isnull=True) | Q(destroyed_at__gt=since)).exclude(provider_instance_id=""):
+        start = max(standby.created_at, since)
+        end = min(standby.destroyed_at or until, until)
+        if end > start:
+            total += standby.price_per_hour * Decimal(str((end - start).total_seconds())) / Decimal(3600)
+    return total
