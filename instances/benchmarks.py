@@ -12,11 +12,16 @@ own boot (until the marketplace brought it up) and minus one SSH command's round
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import random
+import signal
 import statistics
+import sys
 import tempfile
 import time
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,6 +29,7 @@ import yaml
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.test import override_settings
+from django.utils import timezone
 
 from dumont.core.management.commands.benchmark import Benchmark
 from instances import lifecycle
@@ -53,6 +59,10 @@ def clean_up(user) -> None:
 
     with transaction.atomic():
         instances = Instance.objects.filter(owner=user)
+        touched = set(MachineAttempt.objects.filter(instance__in=instances).values_list("provider", "host_id"))
+        for provider, host_id in touched:  # stats are derived from attempts: the benchmark's must not stay
+            MachineStats.objects.filter(provider=provider, host_id=host_id).delete()
+            MachineBlacklist.objects.filter(provider=provider, host_id=host_id, source=MachineBlacklist.Source.AUTOMATIC).delete()
         MachineAttempt.objects.filter(instance__in=instances).delete()
         SnapshotRestore.objects.filter(owner=user).delete()
         Snapshot.objects.filter(owner=user).delete()
@@ -284,8 +294,139 @@ class WakeBenchmark(Benchmark):
 
 
 
+class FailoverBenchmark(Benchmark):
+    help = ("a failover drill on the local marketplace with the real stack (worker, beat, web, S3): crash the GPU "
+            "machine, measure detection, failover, recovery point and failback")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--size-mb", type=int, default=200, help="workspace size (MB)")
+        parser.add_argument("--lost-after", type=float, default=60.0, help="LOST_MACHINE_SECONDS")
+        parser.add_argument("--heartbeat", type=int, default=10, help="AGENT_HEARTBEAT_INTERVAL_SECONDS")
+        parser.add_argument("--sweep", type=float, default=10.0, help="LOST_SWEEP_SECONDS and STANDBY_SWEEP_SECONDS")
+        parser.add_argument("--sync-interval", type=int, default=60, help="the standby's sync interval")
+        parser.add_argument("--time-scale", type=float, default=0.05, help="marketplace boot times x this")
+
+    def run(self, *, size_mb, lost_after, heartbeat, sweep, sync_interval, time_scale, **_):
+        import secrets
+
+        from dumont import processes
+        from dumont.celery import app
+        from dumont.s3server import Credentials, start_s3_server
+        from machines.providers.local.testing import running_marketplace
+
+        with tempfile.TemporaryDirectory(prefix="bench-failover-") as tmp_name:
+            tmp = Path(tmp_name)
+            admin = Credentials(f"bench-{secrets.token_hex(4)}", secrets.token_hex(20))
+            scope_secret = secrets.token_hex(20)
+            s3 = start_s3_server(tmp / "s3", admin=admin, scope_secret=scope_secret)
+            web_port = processes.free_port()
+            overrides = {
+                "DUMONT_DATA_DIR": tmp / "data", "DUMONT_SSH_KEY_PATH": tmp / "ssh" / "id_ed25519",
+                "AGENT_CONTROL_PLANE_URL": f"http://127.0.0.1:{web_port}", "SNAPSHOT_S3_ENDPOINT": s3.endpoint,
+                "SNAPSHOT_S3_BUCKET": "bench", "SNAPSHOT_S3_ACCESS_KEY_ID": admin.access_key_id,
+                "SNAPSHOT_S3_SECRET_ACCESS_KEY": admin.secret_access_key, "SNAPSHOT_MACHINE_CREDENTIALS": "scoped",
+                "SNAPSHOT_S3_SCOPE_SECRET": scope_secret, "AGENT_HEARTBEAT_INTERVAL_SECONDS": heartbeat,
+                "LOST_MACHINE_SECONDS": lost_after, "LOST_SWEEP_SECONDS": sweep, "STANDBY_SWEEP_SECONDS": sweep,
+            }
+            # its own queue, apart from a running `make run` (whose worker would take these tasks)
+            prefix = f"bench-failover-{secrets.token_hex(3)}"
+            overrides["REDIS_KEY_PREFIX"] = prefix
+            app.conf.broker_transport_options = {**app.conf.broker_transport_options, "global_keyprefix": f"{prefix}:"}
+            # stopped from outside (SIGTERM): still stop the worker, beat, web server and marketplace
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+            try:
+                with running_marketplace(tmp, time_scale=time_scale) as market, contextlib.ExitStack() as stack:
+                    overrides.update(LOCAL_MARKETPLACE_ENABLED=True, LOCAL_MARKETPLACE_URL=market.url)
+                    stack.enter_context(override_settings(**overrides))
+                    env = processes.subprocess_env(**{k: str(v) for k, v in overrides.items()})
+                    stack.enter_context(processes.web_server(tmp, env=env, port=web_port))
+                    stack.enter_context(processes.celery_worker(tmp, env=env, concurrency=3))
+                    stack.enter_context(processes.celery_beat(tmp, env=env))
+                    user, _ = get_user_model().objects.get_or_create(username="__benchmark__")
+                    try:
+                        self._drill(user, market, size_mb, sync_interval, processes.wait_until)
+                    finally:
+                        self._destroy_all(user, market, processes.wait_until)
+                        clean_up(user)
+            finally:
+                s3.stop()
+
+    def _drill(self, user, market, size_mb, sync_interval, wait_until):
+        import hashlib
+
+        from instances import services, standby
+        from instances.models import StandbyConfig, StandbyMachine
+        from snapshots.benchmarks import generate_workspace
+
+        def status(*wanted: str, timeout: float = 600) -> Instance:
+            def settled():
+                instance.refresh_from_db()
+                return instance.status in wanted
+            wait_until(settled, timeout=timeout, what=f"the instance to be {'/'.join(wanted)}")
+            return instance
+
+        def synced_after(moment) -> StandbyMachine:
+            return wait_until(lambda: StandbyMachine.objects.filter(instance=instance, status="ready",
+                                                                    last_sync_at__gt=moment).first(),
+                              timeout=600, what="a standby sync")
+
+        StandbyConfig.objects.update_or_create(owner=user, defaults={
+            "enabled": True, "provider": "local", "sync_interval_seconds": sync_interval, "disk_gb": 10,
+            "auto_failover": True, "auto_recovery": False})
+        instance = services.instance_create(owner=user, name=f"drill-{time.time_ns()}", gpu_name="RTX 4090")
+        status("running", "failed")
+        if instance.status != "running":
+            raise RuntimeError(f"no machine for the drill: {instance.status_reason}")
+        market.control.set_gpu_util(instance.provider_instance_id, 80)  # busy: never hibernated meanwhile
+        workspace = Path(market.control.instance(instance.provider_instance_id)["workspace"])
+        generated = timezone.now()
+        generate_workspace(workspace, size_mb * 10**6)
+        mirrored = synced_after(generated)
+        self.stdout.write(f"workspace {size_mb} MB; standby {mirrored.ssh_host}:{mirrored.ssh_port} "
+                          f"(${mirrored.price_per_hour}/h); first full mirror {mirrored.last_sync_seconds:.1f}s")
+        # crash halfway through a sync interval: a typical recovery point, not a best case
+        last = synced_after(timezone.now())
+        wait_until(lambda: (timezone.now() - last.last_sync_at).total_seconds() >= sync_interval / 2,
+                   timeout=sync_interval, interval=0.1, what="half a sync interval")
+        crashed_at = timezone.now()
+        market.control.crash(instance.provider_instance_id)
+        status("failover")
+        usable_at = instance.status_changed_at
+        lost = instance.events.filter(kind="lost", data__lost=True).latest("id")
+        failover = instance.events.filter(kind="standby", data__has_key="failover_seconds").latest("id")
+        detected_at = datetime.fromisoformat(lost.data["detected_at"])
+        rows = [
+            ("detection (crash -> lost verdict)", (detected_at - crashed_at).total_seconds()),
+            ("failover (lost verdict -> standby endpoint)", failover.data["failover_seconds"]),
+            ("crash -> working on the standby", (usable_at - crashed_at).total_seconds()),
+            ("recovery point (work lost)", failover.data["work_lost_seconds"]),
+        ]
+        marker = Path(market.control.instance(mirrored.provider_instance_id)["workspace"]) / "written-on-the-standby.bin"
+        marker.write_bytes(os.urandom(1 << 20))
+        digest = hashlib.sha256(marker.read_bytes()).hexdigest()
+        standby.instance_failback_request(instance=instance)
+        status("running", "failover")
+        if instance.status != "running":
+            raise RuntimeError(f"failback failed: {instance.status_reason}")
+        timings = instance.events.filter(kind="status", data__to="running").latest("id").data["timings"]
+        back = Path(market.control.instance(instance.provider_instance_id)["workspace"]) / marker.name
+        carried = back.exists() and hashlib.sha256(back.read_bytes()).hexdigest() == digest
+        rows += [(f"failback: {name}", timings[name]) for name in ("race", "copy", "agent", "last_pass", "total")]
+        for name, seconds in rows:
+            self.stdout.write(f"{name:<46}{seconds:>8.2f}s")
+        self.stdout.write(f"file written on the standby is on the new GPU machine: {carried}")
+
+    def _destroy_all(self, user, market, wait_until):
+        for instance in Instance.objects.filter(owner=user).exclude(status__in=[Status.DESTROYED, Status.FAILED]):
+            if instance.status != Status.DESTROYING:
+                transition(instance.pk, Status.DESTROYING, message="benchmark done")
+            lifecycle.instance_destroy_run(instance.pk)
+        left = [m for m in market.control.state()["instances"] if m["status"] != "destroyed"]
+        self.stdout.write(f"machines left at the marketplace after destroy: {len(left)}")
+
+
 def time_scale_of(market) -> float:
     return market.control.state()["time_scale"]
 
 
-BENCHMARKS = {"race": RaceBenchmark, "wake": WakeBenchmark}
+BENCHMARKS = {"race": RaceBenchmark, "wake": WakeBenchmark, "failover": FailoverBenchmark}

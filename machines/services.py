@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 
 from django.db import transaction
 
@@ -23,8 +24,16 @@ def provider_account_create(*, owner, provider: str, name: str, api_key: str) ->
     if ProviderAccount.objects.filter(owner=owner, name=name).exists():
         raise Conflict(f"You already have a provider account named {name!r}.")
     return ProviderAccount.objects.create(
-        owner=owner, provider=provider, name=name, api_key=api_key, key_hint=api_key[-4:]
+        owner=owner, provider=provider, name=name, api_key=api_key, key_hint=_key_hint(provider, api_key)
     )
+
+
+def _key_hint(provider: str, api_key: str) -> str:
+    """The last characters of the key, to tell keys apart; for a GCP service-account key (JSON), of its
+    key id, as the Cloud Console shows it (the JSON's own last characters could be private-key text)."""
+    if provider == "gcp":
+        return str(json.loads(api_key).get("private_key_id") or "")[-4:]
+    return api_key[-4:]
 
 
 def provider_account_delete(*, owner, account_id: int) -> None:

@@ -11,6 +11,7 @@ it on stdin): never in argv, never in a log line, never in an error message.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import json
@@ -20,6 +21,7 @@ import secrets
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -168,7 +170,7 @@ class LocalRunner:
         started = time.monotonic()
         process = subprocess.Popen(
             [self.binary, *args], env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True,
+            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent,
         )
         stderr_chunks: list[bytes] = []
         reader = threading.Thread(target=lambda: stderr_chunks.append(process.stderr.read()), daemon=True)
@@ -194,6 +196,18 @@ class LocalRunner:
             reader.join(5)
         stderr = b"".join(stderr_chunks).decode(errors="replace")
         return CommandResult(exit_code, "\n".join(stdout_lines), stderr, time.monotonic() - started)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the worker that started it dies. A killed worker must
+    not leave a restic behind (its own session escapes the worker's process group): an orphaned `init`
+    racing the retried one would store two master keys."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -255,6 +269,18 @@ def _reason(result: CommandResult, what: str) -> str:
     if result.exit_code == -1:
         detail = f"killed by a signal; {detail}"
     return f"{what} failed (restic exit {result.exit_code}): {detail[:500]}"
+
+
+def wait_for_config(run: Runner, repository: Repository, tuning: Tuning, *, timeout: float = 60) -> None:
+    """A repository whose key is stored: wait until its config reads (an init may be finishing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = run([*tuning.global_args(repository), "cat", "config"], env=repository.env(), timeout=120)
+        if probe.ok:
+            return
+        if "wrong password" in probe.stderr or time.monotonic() > deadline:
+            raise ResticError(_reason(probe, "opening the repository"), exit_code=probe.exit_code)
+        time.sleep(1.0)
 
 
 def init(run: Runner, repository: Repository, tuning: Tuning) -> bool:

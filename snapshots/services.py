@@ -98,12 +98,34 @@ def repository_ensure(*, owner) -> SnapshotRepository:
     with transaction.atomic():
         repository = SnapshotRepository.objects.select_for_update().get(owner=owner)
         if repository.initialized_at is None:
-            # under the row lock: two first snapshots of a user cannot both run `restic init`
+            # under the row lock: two first snapshots of a user cannot both run `restic init`; and never
+            # over a key already stored (a killed worker's init): a second master key would leave the
+            # repository unreadable with the first ("config or key ... is damaged")
             storage.bucket_ensure()
-            restic.init(_local_runner(), _control_plane_repository(repository), tuning())
+            _init_once(repository)
             repository.initialized_at = timezone.now()
             repository.save(update_fields=["initialized_at"])
     return repository
+
+
+# how long a stored key waits for its config (an init finishing) before it is judged a dead init's leftover
+INIT_WAIT_SECONDS = 30.0
+
+
+def _init_once(repository: SnapshotRepository) -> None:
+    """`restic init`, unless a key is stored already (a killed worker's init): then use that repository,
+    or, if its config never appears and it holds nothing else, clear the dead init's key and init afresh."""
+    prefix, runner, restic_repository = repository.prefix, _local_runner(), _control_plane_repository(repository)
+    if storage.has_objects(f"{prefix}/keys"):
+        try:
+            restic.wait_for_config(runner, restic_repository, tuning(), timeout=INIT_WAIT_SECONDS)
+            return
+        except restic.ResticError:
+            if storage.has_objects(f"{prefix}/data") or storage.has_objects(f"{prefix}/snapshots"):
+                raise  # it holds backups: never touched here
+            log.warning("repository %s: clearing the key of an init that never finished", prefix)
+            storage.repository_delete(prefix)
+    restic.init(runner, restic_repository, tuning())
 
 
 def repository_delete(*, owner) -> int:

@@ -106,6 +106,11 @@ def _keys_under(prefix: str):
         raise StorageError(f"object storage: listing {prefix} failed: {exc}") from exc
 
 
+def has_objects(prefix: str) -> bool:
+    """Whether anything is stored under the prefix."""
+    return next(iter(_keys_under(prefix)), None) is not None
+
+
 def repository_size(prefix: str) -> int:
     """Bytes stored under the prefix: what the user's snapshots cost."""
     return sum(item["Size"] for item in _keys_under(prefix))

@@ -1,11 +1,26 @@
+from urllib.parse import urlsplit
+
+from django.conf import settings
 from rest_framework import serializers
 
 from machines.models import MachineAttempt, MachineBlacklist, MachineStats, ProviderAccount, SSHKey
 from machines.providers.base import OfferQuery
+from machines.providers.gcp import validate_service_account_key
+
+# Where a GCP key may send its token grants: Google (current and older keys), or the Compute API
+# this server is configured with (a fake GCP in development). Anything else would have the server
+# POST to an address of the user's choosing.
+GCP_TOKEN_HOSTS = frozenset({"oauth2.googleapis.com", "accounts.google.com", "www.googleapis.com"})
+GCP_TOKEN_URI_ERROR = (
+    "The service-account key's token_uri must be Google's (https://oauth2.googleapis.com/token)."
+)
 
 
 class ProviderAccountSerializer(serializers.ModelSerializer):
-    """The key is write-only: it is never sent back, only its last characters (`key_hint`)."""
+    """The key is write-only: it is never sent back, only its last characters (`key_hint`).
+
+    A GCP key is the whole service-account key JSON; it is checked here (machines.services makes its
+    hint from the key's id, never from private-key material)."""
 
     api_key = serializers.CharField(write_only=True, trim_whitespace=True, max_length=4096)
 
@@ -15,6 +30,26 @@ class ProviderAccountSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "key_hint", "created_at"]
         # uniqueness is checked by the service (a 409), not by the serializer
         validators = []
+
+    def validate(self, attrs):
+        if attrs.get("provider") == "gcp" and "api_key" in attrs:
+            attrs["api_key"] = _gcp_key(attrs["api_key"])
+        return attrs
+
+
+def _gcp_key(api_key: str) -> str:
+    try:
+        info = validate_service_account_key(api_key)
+    except ValueError as exc:
+        raise serializers.ValidationError({"api_key": [str(exc)]}) from None
+    token_uri = urlsplit(info["token_uri"])
+    compute = urlsplit(getattr(settings, "GCP_COMPUTE_API_URL", "") or "")
+    if not (
+        (token_uri.scheme == "https" and token_uri.hostname in GCP_TOKEN_HOSTS)
+        or (compute.netloc and (token_uri.scheme, token_uri.netloc) == (compute.scheme, compute.netloc))
+    ):
+        raise serializers.ValidationError({"api_key": [GCP_TOKEN_URI_ERROR]})
+    return api_key
 
 
 class SSHKeySerializer(serializers.ModelSerializer):

@@ -123,7 +123,7 @@ def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapsho
         instance = launch(api, "HIB-KILL")
         machine_id = instance.provider_instance_id
         workspace = workspace_of(stack_base, instance)
-        make_workspace(workspace, weights_mb=200, source_files=200)  # a backup that takes a while
+        make_workspace(workspace, weights_mb=80, source_files=200)  # a backup that takes a while (killed once it runs)
         assert api.post(f"/api/v1/instances/{instance.pk}/hibernate").status_code == 202
         wait_until(lambda: Snapshot.objects.filter(instance=instance, status="running").exists(), timeout=60,
                    what="the hibernation snapshot to start")
@@ -135,7 +135,7 @@ def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapsho
 
     with celery_worker(stack_base.tmp, env=stack_base.env):
         assert reconcile()["resumed"] == [instance.pk]
-        wait_for_status(instance, "hibernated", timeout=180)
+        wait_for_status(instance, "hibernated", timeout=180)  # the backup runs again, on two loaded cores
     verified = Snapshot.objects.get(instance=instance, status="verified", reason="hibernate")
     hibernated = instance.events.filter(kind="status", data__to="hibernated").get()
     assert hibernated.created_at >= verified.verified_at

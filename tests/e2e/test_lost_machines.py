@@ -32,9 +32,9 @@ STACK_SETTINGS = {
     "AGENT_FLUSH_INTERVAL_SECONDS": 1,
     "IDLE_WINDOW_SECONDS": 3600.0,  # these machines idle at 0% GPU: no hibernation here
     "LOST_MACHINE_SECONDS": LOST_AFTER,
-    "LOST_SWEEP_SECONDS": 1.0,
+    "LOST_SWEEP_SECONDS": 2.0,  # not faster: ten test workers share two cores
     "LOST_SSH_TIMEOUT_SECONDS": 3.0,
-    "STANDBY_SWEEP_SECONDS": 1.0,
+    "STANDBY_SWEEP_SECONDS": 2.0,
     "STANDBY_RETRY_SECONDS": 600.0,
     "RECONCILE_STALE_SECONDS": 0,
 }
@@ -80,6 +80,12 @@ def synced_after(instance: Instance, moment) -> StandbyMachine:
     return wait_until(lambda: StandbyMachine.objects.filter(instance=instance, status="ready",
                                                             last_sync_at__gt=moment).first(),
                       timeout=90, what="a standby sync after the change")
+
+
+def first_sync(instance: Instance) -> StandbyMachine:
+    return wait_until(lambda: StandbyMachine.objects.filter(instance=instance, status="ready",
+                                                            last_sync_at__isnull=False).first(),
+                      timeout=120, what="the standby's first sync")
 
 
 def enable_standby(api, **changes) -> None:
@@ -179,9 +185,7 @@ def test_the_standby_mirrors_takes_over_on_a_crash_and_fails_back_to_a_new_gpu(s
     enable_standby(api)
     instance = launch(api, "STBY")
     lost_host = instance.host_id
-    standby = wait_until(lambda: StandbyMachine.objects.filter(instance=instance, status="ready",
-                                                               last_sync_at__isnull=False).first(),
-                         timeout=120, what="the standby's first sync")
+    standby = first_sync(instance)
     mirror = standby_workspace(stack, standby)
     workspace = workspace_of(stack, instance)
     make_workspace(workspace, weights_mb=2, source_files=20)
@@ -244,9 +248,7 @@ def test_a_failover_drill_loses_nothing_and_destroy_takes_the_standby(stack, api
     enable_standby(api)
     instance = launch(api, "DRILL")
     gpu_machine = instance.provider_instance_id
-    standby = wait_until(lambda: StandbyMachine.objects.filter(instance=instance, status="ready",
-                                                               last_sync_at__isnull=False).first(),
-                         timeout=120, what="the standby's first sync")
+    standby = first_sync(instance)
     (workspace_of(stack, instance) / "just-before-the-drill.txt").write_text("the drill's last sync carries me\n")
     assert api.post(f"/api/v1/instances/{instance.pk}/failover").status_code == 202
     wait_for_status(instance, "failover", timeout=60)
@@ -268,6 +270,7 @@ def test_a_standby_that_cannot_be_provisioned_is_an_event_and_the_gpu_keeps_runn
         failed = wait_until(lambda: instance.events.filter(kind="standby", data__failed=True).first(), timeout=60,
                             what="the standby failure event")
         assert "could not be provisioned" in failed.message
+        wait_until(lambda: heartbeats_arrive(instance), timeout=60, what="the agent's heartbeats")
         started = timezone.now()
         wait_until(lambda: agent_selectors.last_heartbeat_at(instance.pk) > started, timeout=30,
                    what="heartbeats after the failure")

@@ -57,3 +57,50 @@ def test_ssh_keys_are_validated_fingerprinted_and_deduplicated(api):
     key_id = created.json()["id"]
     assert api.delete(f"/api/v1/ssh-keys/{key_id}").status_code == 204
     assert api.get("/api/v1/ssh-keys").json()["count"] == 0
+
+
+def _gcp_key(**overrides) -> dict:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    key = {"type": "service_account", "project_id": "dumont-standby-demo", "private_key_id": "3f1c9a7be2d4058e6a1f",
+           "private_key": pem, "client_email": "standby@dumont-standby-demo.iam.gserviceaccount.com",
+           "client_id": "104731829501736482911", "token_uri": "https://oauth2.googleapis.com/token",
+           "universe_domain": "googleapis.com"}
+    key.update(overrides)
+    return {k: v for k, v in key.items() if v is not None}
+
+
+def test_gcp_account_takes_a_service_account_key_and_the_hint_shows_no_key_material(api):
+    key = _gcp_key()
+    created = api.post("/api/v1/provider-accounts",
+                       {"provider": "gcp", "name": "standby", "api_key": json.dumps(key, indent=2)}, format="json")
+    assert created.status_code == 201, created.json()
+    hint = created.json()["key_hint"]
+    assert hint == key["private_key_id"][-4:]  # the tail of the key's id, never of the key
+    assert json.loads(ProviderAccount.objects.get().api_key) == key  # the same key
+    assert key["private_key"][40:80] not in json.dumps(created.json())
+
+
+def test_gcp_account_refuses_what_is_not_a_service_account_key(api):
+    good = _gcp_key()
+    for bad, words in [
+        ("not json at all", "Not JSON"),
+        (json.dumps({**good, "type": "authorized_user"}), "service_account"),
+        (json.dumps(_gcp_key(client_email=None, token_uri=None)), "client_email, token_uri"),
+        (json.dumps({**good, "private_key": "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"}),
+         "cannot be read"),
+        (json.dumps({**good, "token_uri": "http://169.254.169.254/computeMetadata/v1/token"}), "token_uri"),
+    ]:
+        refused = api.post("/api/v1/provider-accounts", {"provider": "gcp", "name": "g", "api_key": bad}, format="json")
+        assert refused.status_code == 400, bad
+        body = refused.json()
+        assert body["error"] == "validation_error" and words in " ".join(body["fields"]["api_key"]), body
+        assert good["private_key"][40:80] not in json.dumps(body)
+    assert ProviderAccount.objects.count() == 0
+    # the same text is a fine key for a provider whose keys are opaque strings
+    assert api.post("/api/v1/provider-accounts", {"provider": "vastai", "name": "v", "api_key": "not json at all"},
+                    format="json").status_code == 201

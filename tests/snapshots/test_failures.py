@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+from django.conf import settings
 
 from dumont.core.errors import Conflict
 from machines.providers.local.sshd import free_port
@@ -103,3 +104,29 @@ def test_an_incomplete_backup_exit_3_is_a_failure_and_retention_forgets_it(machi
     assert restic.snapshots(services._local_runner(), repository, services.tuning()) == []
     snapshot.refresh_from_db()
     assert snapshot.forgotten_at is not None and snapshot.status == Snapshot.Status.FAILED
+
+
+def test_a_repository_whose_key_is_stored_is_never_initialized_twice(failing_machine, monkeypatch):
+    """A worker killed during `restic init` leaves a key behind, with `initialized_at` unset and maybe no
+    config yet. The retry must not store a second master key (the repository would then fail to open
+    with the first: "config or key ... is damaged"); a dead init's lone key is cleared, then init."""
+    from snapshots import storage
+
+    owner = make_user()
+    repository = services.repository_ensure(owner=owner)
+    SnapshotRepository.objects.filter(owner=owner).update(initialized_at=None)
+    keys = [o["Key"] for o in storage._keys_under(f"{repository.prefix}/keys")]
+    assert len(keys) == 1
+    services.repository_ensure(owner=owner)  # key and config there: used as it is
+    assert [o["Key"] for o in storage._keys_under(f"{repository.prefix}/keys")] == keys
+
+    # killed between the key and the config
+    SnapshotRepository.objects.filter(owner=owner).update(initialized_at=None)
+    storage.client().delete_object(Bucket=settings.SNAPSHOT_S3_BUCKET, Key=f"{repository.prefix}/config")
+    monkeypatch.setattr(services, "INIT_WAIT_SECONDS", 1.0)
+    services.repository_ensure(owner=owner)
+    assert len(list(storage._keys_under(f"{repository.prefix}/keys"))) == 1
+    assert SnapshotRepository.objects.get(owner=owner).initialized_at is not None
+    snapshot = services.snapshot_take(owner=owner, instance_id=_running_instance(owner).pk,
+                                      target=failing_machine.target)
+    assert snapshot.status == Snapshot.Status.VERIFIED, snapshot.error
