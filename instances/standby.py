@@ -105,17 +105,19 @@ def standby_sweep(*, batch_size: int = 500) -> dict:
         now = timezone.now()
         enabled_owners = StandbyConfig.objects.filter(enabled=True).values("owner_id")
         retry_after = now - timedelta(seconds=settings.STANDBY_RETRY_SECONDS)
+        recently_failed = StandbyMachine.objects.filter(status=StandbyMachine.Status.FAILED,
+                                                        created_at__gte=retry_after).values("instance_id")
         wanting = list(
             Instance.objects.filter(status=Status.RUNNING, owner_id__in=enabled_owners)
-            .exclude(standbys__status__in=StandbyMachine.ACTIVE)
-            .exclude(standbys__status=StandbyMachine.Status.FAILED, standbys__created_at__gte=retry_after)
+            .exclude(standbys__status__in=StandbyMachine.ACTIVE).exclude(pk__in=recently_failed)
             .order_by("id").values_list("id", flat=True)[:batch_size]
         )
         for instance_id in wanting:
             tasks.provision_standby.delay(instance_id)
         due = []
         for standby in (StandbyMachine.objects.filter(status=StandbyMachine.Status.READY,
-                                                      instance__status=Status.RUNNING)
+                                                      instance__status=Status.RUNNING,
+                                                      instance__owner__standby_config__isnull=False)
                         .select_related("instance__owner__standby_config").order_by("id")[:batch_size]):
             interval = standby.instance.owner.standby_config.sync_interval_seconds
             if standby.last_sync_at is None or standby.last_sync_at <= now - timedelta(seconds=interval):

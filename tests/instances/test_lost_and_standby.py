@@ -192,3 +192,73 @@ def test_standby_spend_counts_each_standby_while_it_was_rented(user):
     report = metrics.fleet_metrics(user=user, days=1, now=now)
     assert Decimal(report["spend"]["standby"]) == Decimal("0.240000")
     assert report["spend"]["total"] >= report["spend"]["standby"]
+
+
+def test_the_standby_sweep_provisions_syncs_destroys_and_retries_what_it_should(user, other_user, settings,
+                                                                               monkeypatch):
+    from instances import tasks
+
+    settings.STANDBY_RETRY_SECONDS = 300
+    sent: dict[str, list[int]] = {}
+    for name in ("provision_standby", "sync_standby", "destroy_standby", "failback_instance"):
+        monkeypatch.setattr(getattr(tasks, name), "delay", lambda i, name=name: sent.setdefault(name, []).append(i))
+    StandbyConfig.objects.create(owner=user, enabled=True, provider="local", sync_interval_seconds=60)
+    StandbyConfig.objects.create(owner=other_user, enabled=False, provider="local", auto_recovery=True)
+    now = timezone.now()
+
+    bare = _running(user)
+    failed_lately = _running(user)
+    _standby(failed_lately, status="failed")
+    failed_long_ago = _running(user)
+    StandbyMachine.objects.filter(pk=_standby(failed_long_ago, status="failed").pk).update(
+        created_at=now - timedelta(minutes=10))
+    due = _running(user)
+    _standby(due, last_sync_at=now - timedelta(seconds=61))
+    fresh = _running(user)
+    _standby(fresh, last_sync_at=now - timedelta(seconds=30))
+    hibernated = make_instance(user, status="hibernated")
+    _standby(hibernated)
+    disabled = _running(other_user)
+    _standby(disabled, last_sync_at=now)
+    on_standby = make_instance(other_user, status="failover")  # disabled meanwhile: the user works there
+    _standby(on_standby, last_sync_at=now)
+    Instance.objects.filter(pk=on_standby.pk).update(status_changed_at=now - timedelta(minutes=6))
+
+    result = standby.standby_sweep()
+    assert sorted(result["provisioning"]) == sorted([bare.pk, failed_long_ago.pk])
+    assert result["syncing"] == [due.pk]
+    assert sorted(result["destroying"]) == sorted([hibernated.pk, disabled.pk])
+    assert result["failing_back"] == [on_standby.pk]
+    assert {name: sorted(ids) for name, ids in sent.items()} == {
+        "provision_standby": sorted([bare.pk, failed_long_ago.pk]), "sync_standby": [due.pk],
+        "destroy_standby": sorted([hibernated.pk, disabled.pk]), "failback_instance": [on_standby.pk]}
+
+
+def test_a_gcp_standby_refused_for_quota_is_an_event_and_the_gpu_instance_is_untouched(user, settings):
+    """The standby path end to end through the GCP adapter, against the recorded Compute API responses."""
+    from machines.models import ProviderAccount
+    from tests.machines.test_gcp_adapter import ZONE, Stub, fixture, service_account_key
+
+    stub = Stub()
+    try:
+        settings.GCP_COMPUTE_API_URL = stub.compute_url
+        stub.reply("POST", f"zones/{ZONE}/instances", (403, fixture("error_quota_exceeded.json")))
+        ProviderAccount.objects.create(owner=user, provider="gcp", name="standby",
+                                       api_key=service_account_key(f"{stub.root}/token"))
+        StandbyConfig.objects.create(owner=user, enabled=True, provider="gcp", zone=ZONE,
+                                     machine_type="e2-standard-2")
+        instance = _running(user)
+
+        assert standby.standby_provision_run(instance.pk) == "failed"
+        row = StandbyMachine.objects.get(instance=instance)
+        assert row.status == "failed" and "quota" in row.error.lower() and row.provider_account is not None
+        event = instance.events.get(kind="standby", data__failed=True)
+        assert "could not be provisioned" in event.message
+        instance.refresh_from_db()
+        assert instance.status == "running" and instance.provider_instance_id == "77"
+        insert = stub.calls("POST", f"zones/{ZONE}/instances")[0]
+        assert insert.json["machineType"].endswith("/e2-standard-2")
+        stored_label = {m["key"]: m["value"] for m in insert.json["metadata"]["items"]}["dumont-label"]
+        assert stored_label == row.label == f"{instance.label}-s{row.pk}"  # what reconcile finds it by
+    finally:
+        stub.close()
