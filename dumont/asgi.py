@@ -8,6 +8,7 @@ server (`dumont.wsgi`), where a slow request cannot hold up others. Heartbeats g
 thread since it may query the database; any other request goes to Django's ASGI handler.
 """
 
+import gc
 import io
 import os
 
@@ -109,3 +110,9 @@ async def application(scope, receive, send):
     await send({"type": "http.response.start", "status": int(status.split(" ", 1)[0]),
                 "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
     await send({"type": "http.response.body", "body": content})
+
+
+# Django, DRF and the apps are a heap of long-lived objects: move them out of the collector's reach, so
+# that a full collection (every few thousand heartbeats) walks only what requests allocate. Measured:
+# without it, collections stall the event loop long enough to push the heartbeats' p99 past 50 ms.
+gc.freeze()
