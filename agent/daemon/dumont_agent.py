@@ -130,7 +130,7 @@ class NvmlSource:
                 except nvml.NVMLError:
                     pass  # a GPU that cannot tell its utilization has no reading
                 try:
-                    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                    memory = _memory_info(nvml, handle)
                     gpu["mem_used_mb"], gpu["mem_total_mb"] = memory.used / 2**20, memory.total / 2**20
                 except nvml.NVMLError:
                     pass
@@ -143,6 +143,18 @@ class NvmlSource:
         except nvml.NVMLError as exc:
             self.ready = False  # initialise again next time (driver reloaded, GPU fell off the bus)
             raise GpuReadError(f"NVML: {exc}") from None
+
+
+def _memory_info(nvml: Any, handle: Any) -> Any:
+    """Memory in use as nvidia-smi counts it. NVML's first version counts the driver's reserved memory as
+    used (615 MB on an idle H200, where nvidia-smi says 0); its v2 (driver 510+) keeps it apart."""
+    v2 = getattr(nvml, "nvmlMemory_v2", None)
+    if v2 is not None:
+        try:
+            return nvml.nvmlDeviceGetMemoryInfo(handle, version=v2)
+        except (nvml.NVMLError, TypeError):
+            pass  # an older driver, or an older binding without `version`
+    return nvml.nvmlDeviceGetMemoryInfo(handle)
 
 
 class NvidiaSmiSource:

@@ -78,3 +78,66 @@ def test_restic_snapshot_id_comes_only_from_the_summary_message():
     assert restic_snapshot_id('{"message_type":"status","percent_done":0.4}') is None
     assert restic_snapshot_id("Fatal: repository does not exist") is None
     assert restic_snapshot_id("{broken json") is None
+
+
+# ---- NVML, against what an H200 answered (driver 580.159.04, nvidia-ml-py 13.615.71, a bf16 matmul
+# running; a check on the lent GPU machine, 2026-11-29) ----------------------------------------------
+
+
+class _H200Nvml:
+    """The pynvml calls the agent makes, answering the recorded values. `versioned`: a binding whose
+    nvmlDeviceGetMemoryInfo takes `version` (nvidia-ml-py >= 11.510)."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    class _Memory:
+        def __init__(self, **values):
+            self.__dict__.update(values)
+
+    nvmlMemory_v2 = 0x02000028  # what nvidia-ml-py defines (the v2 answer's version field read 33554472)
+
+    def __init__(self, *, versioned: bool = True):
+        self.versioned = versioned
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return object()
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return self._Memory(gpu=100, memory=40)
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        return 56
+
+    def nvmlDeviceGetMemoryInfo(self, handle, version=None):
+        if version is not None and not self.versioned:
+            raise TypeError("nvmlDeviceGetMemoryInfo() got an unexpected keyword argument 'version'")
+        if version is None:  # v1: the driver's reserved 615 MB counted as used
+            return self._Memory(total=150754820096, free=149049966592, used=1704853504)
+        return self._Memory(version=33554472, total=150754820096, reserved=644939776, free=149049966592,
+                            used=1059913728)
+
+
+def test_nvml_memory_in_use_is_what_nvidia_smi_says_not_the_drivers_reserve():
+    from agent.daemon.dumont_agent import NvmlSource
+
+    reading = take_reading(NvmlSource(_H200Nvml()))
+    assert reading["gpu_util"] == 100.0 and reading["gpu_source"] == "nvml" and reading["gpu_error"] is None
+    gpu = reading["gpus"][0]
+    assert round(gpu["mem_used_mb"]) == 1011  # nvidia-smi printed 1011 at that moment; NVML v1 says 1626
+    assert gpu["mem_total_mb"] == 143771.0 and gpu["temp_c"] == 56.0
+
+
+def test_an_older_nvml_binding_falls_back_to_the_first_memory_call():
+    from agent.daemon.dumont_agent import NvmlSource
+
+    gpu = take_reading(NvmlSource(_H200Nvml(versioned=False)))["gpus"][0]
+    assert round(gpu["mem_used_mb"]) == 1626 and gpu["util"] == 100.0
