@@ -42,6 +42,7 @@ class SyncConfig:
     interval_seconds: float | None = None  # default: AGENT_SYNC_INTERVAL_SECONDS
     timeout_seconds: float = 6 * 3600
     cwd: str | None = None
+    env_expires_at: float | None = None  # the env's storage keys expire then: the agent renews them before
 
 
 # The restart loop. `exec` keeps nothing between the supervisor and the agent but the loop itself.
@@ -129,6 +130,7 @@ def agent_config(*, instance_id: int, secret: str, control_plane_url: str, sync:
             "interval": sync.interval_seconds or settings.AGENT_SYNC_INTERVAL_SECONDS,
             "timeout": sync.timeout_seconds,
             "cwd": sync.cwd,
+            "env_expires_at": sync.env_expires_at,
         }
     return config
 

@@ -21,7 +21,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from agent import buffer
-from agent.auth import Agent
+from agent.auth import Agent, AuthFailed
 from agent.conf import settings
 from agent.models import AgentCredential, Heartbeat
 from instances.models import Instance
@@ -58,6 +58,36 @@ def action_for_status(status: str) -> str:
     if status == Status.HIBERNATING:
         return ACTION_PREPARE_HIBERNATE
     return ACTION_NONE
+
+
+class Unavailable(Exception):
+    """Storage could not issue keys now: the agent tries again later."""
+
+
+def sync_credentials_issue(*, agent: Agent) -> dict[str, Any]:
+    """New storage keys for an agent's sync (see agent.api.views.sync_credentials). Raises Replay for a
+    nonce seen before, AuthFailed for an instance that no longer holds a machine."""
+    from instances.models import Instance
+    from instances.states import HOLDS_MACHINE
+    from snapshots import services as snapshot_services
+    from snapshots.storage import StorageError
+
+    nonce_ttl = settings.AGENT_SIGNATURE_MAX_AGE_SECONDS + settings.AGENT_CLOCK_SKEW_SECONDS + 1
+    if not buffer.call("SET", buffer.key("nonce", agent.instance_id, agent.nonce), 1, "NX", "EX", nonce_ttl):
+        raise Replay
+    instance = Instance.objects.select_related("owner").filter(pk=agent.instance_id,
+                                                               status__in=sorted(HOLDS_MACHINE)).first()
+    if instance is None:
+        raise AuthFailed
+    try:
+        credentials, expires_at = snapshot_services.sync_credentials(owner=instance.owner)
+    except StorageError as exc:
+        log.warning("no sync credentials for instance %s: %s", instance.pk, exc)
+        raise Unavailable from exc
+    env = {"AWS_ACCESS_KEY_ID": credentials.access_key_id, "AWS_SECRET_ACCESS_KEY": credentials.secret_access_key}
+    if credentials.session_token:
+        env["AWS_SESSION_TOKEN"] = credentials.session_token
+    return {"env": env, "expires_at": expires_at}
 
 
 def heartbeat_record(*, agent: Agent, heartbeat: dict[str, Any], received_at: float) -> dict[str, Any]:

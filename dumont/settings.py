@@ -226,6 +226,9 @@ HIBERNATION_RELEASE_SECONDS = env.float("HIBERNATION_RELEASE_SECONDS", default=1
 # (and verifies) the syncs agents report as periodic snapshots.
 AGENT_SYNC_ENABLED = env.bool("AGENT_SYNC_ENABLED", default=True)
 AGENT_SYNC_RECORD_SECONDS = env.int("AGENT_SYNC_RECORD_SECONDS", default=60)
+# How long the storage keys of an agent's sync live in `r2` mode; the agent asks for new ones
+# (POST /api/v1/agent/sync-credentials, signed like a heartbeat) when a quarter of that is left.
+AGENT_SYNC_CREDENTIALS_TTL_SECONDS = env.int("AGENT_SYNC_CREDENTIALS_TTL_SECONDS", default=6 * 3600)
 
 # Where DumontAgent on a machine posts its heartbeats (this server's public URL in production).
 AGENT_CONTROL_PLANE_URL = env.str("AGENT_CONTROL_PLANE_URL", default="http://127.0.0.1:8000")

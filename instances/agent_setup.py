@@ -55,8 +55,8 @@ def _sync(instance: Instance, target: SSHTarget) -> SyncConfig | None:
         return None
     with connect(target, control_plane_key_path()) as session:
         restic.restic_ensure(session, local_binary=snapshot_services.restic_binary())
-    command, env = snapshot_services.sync_config(owner=instance.owner, instance_id=instance.pk)
-    return SyncConfig(command=command, env=env)
+    command, env, expires_at = snapshot_services.sync_config(owner=instance.owner, instance_id=instance.pk)
+    return SyncConfig(command=command, env=env, env_expires_at=expires_at)
 
 
 def agent_syncs_record(*, batch_size: int = 500) -> list[int]:

@@ -529,19 +529,37 @@ def _fail_stale(owner) -> None:
 # ---- the agent's periodic sync ----------------------------------------------------------------
 
 
-def sync_config(*, owner, instance_id: int) -> tuple[str, dict[str, str]]:
-    """The command and environment DumontAgent runs for its periodic incremental backup.
+def sync_config(*, owner, instance_id: int) -> tuple[str, dict[str, str], float | None]:
+    """The command and environment DumontAgent runs for its periodic incremental backup, and when the
+    environment's storage keys expire (None: never; the agent renews them first, `sync_credentials`).
 
     The same backup as `snapshot_run` (our restic on the machine, the owner's repository and a key for its
     prefix only), tagged `periodic`; the environment goes into the agent's 0600 config, never argv.
     restic picks the previous snapshot of the same host and path as the parent on its own.
     """
-    repository = _machine_repository(repository_ensure(owner=owner))
-    args = [*tuning().global_args(repository), "backup", "--json", "--host", f"instance-{instance_id}",
+    repository = repository_ensure(owner=owner)
+    credentials, expires_at = sync_credentials(owner=owner)
+    machine_repository = restic.Repository(storage.repository_url(repository.prefix), repository.password,
+                                           credentials, settings.SNAPSHOT_S3_REGION)
+    args = [*tuning().global_args(machine_repository), "backup", "--json", "--host", f"instance-{instance_id}",
             "--tag", f"instance-{instance_id}", "--tag", Snapshot.Reason.PERIODIC, "."]
     command = ('cd "${DUMONT_WORKSPACE:-/workspace}" && exec "' + restic.REMOTE_BIN_DIR + '/restic" '
                + " ".join(shlex.quote(a) for a in args))
-    return command, repository.env()
+    return command, machine_repository.env(), expires_at
+
+
+def sync_credentials(*, owner) -> tuple[storage.Credentials, float | None]:
+    """Storage keys for an agent's periodic sync (the owner's repository prefix only), and when they
+    expire: `r2` keys are temporary (AGENT_SYNC_CREDENTIALS_TTL_SECONDS) and the agent renews them.
+    The repository exists already (the agent got its sync config from `sync_config`): no storage I/O here
+    but the `r2` key request. Raises StorageError without one."""
+    repository = SnapshotRepository.objects.filter(owner=owner, initialized_at__isnull=False).first()
+    if repository is None:
+        raise storage.StorageError(f"user {owner.pk} has no snapshot repository yet")
+    ttl = settings.AGENT_SYNC_CREDENTIALS_TTL_SECONDS
+    credentials = storage.machine_credentials(repository.prefix, ttl_seconds=ttl)
+    expires_at = time.time() + ttl if settings.SNAPSHOT_MACHINE_CREDENTIALS == "r2" else None
+    return credentials, expires_at
 
 
 def snapshot_record_periodic(*, owner, instance_id: int, report: dict) -> Snapshot | None:

@@ -59,6 +59,24 @@ def agent_status(request: HttpRequest) -> JsonResponse:
     return JsonResponse(answer, status=status)
 
 
+@csrf_exempt
+@require_POST
+def sync_credentials(request: HttpRequest) -> JsonResponse:
+    """Fresh storage keys for the agent's sync, before its own expire (`r2` keys are temporary). Signed
+    like a heartbeat (any body; its nonce used once); answers `{"env": {AWS_...}, "expires_at": t | null}`
+    for the instance's owner's repository prefix only. The repository password never travels here."""
+    try:
+        agent = authenticate(request.META, request.body)
+        answer = services.sync_credentials_issue(agent=agent)
+    except (AuthFailed, services.Replay):
+        status, answer = UNAUTHORIZED
+        return JsonResponse(answer, status=status)
+    except (redis.RedisError, services.Unavailable):
+        status, answer = UNAVAILABLE
+        return JsonResponse(answer, status=status)
+    return JsonResponse(answer)
+
+
 @require_GET
 def health(request: HttpRequest) -> JsonResponse:
     """Liveness of the web process: no authentication, no database."""

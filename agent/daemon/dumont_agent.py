@@ -52,10 +52,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 VERSION = "1"
 STATUS_PATH = "/api/v1/agent/status"
+SYNC_CREDENTIALS_PATH = "/api/v1/agent/sync-credentials"
 SIGNATURE_SCHEME = "dumont-agent-v1"
 NVIDIA_SMI_QUERY = "index,utilization.gpu,memory.used,memory.total,temperature.gpu"
 ERROR_TAIL_CHARS = 1000
@@ -277,10 +279,15 @@ class SyncService(threading.Thread):
     A lock file (flock) keeps two agents (a redeploy's overlap) from syncing at once too.
     """
 
-    def __init__(self, config: dict[str, Any], lock_path: str, stop: threading.Event):
+    def __init__(self, config: dict[str, Any], lock_path: str, stop: threading.Event,
+                 renew: Callable[[], dict[str, Any]] | None = None):
         super().__init__(name="sync", daemon=True)
         self.command = config["command"]
         self.env = {str(k): str(v) for k, v in (config.get("env") or {}).items()}
+        # temporary storage keys: renewed (`renew`, the control plane) once a quarter of their life is left
+        self.env_expires_at = config.get("env_expires_at")
+        self.env_lifetime = (self.env_expires_at - time.time()) if self.env_expires_at else None
+        self.renew = renew
         self.interval = float(config.get("interval", 300))
         self.timeout = float(config.get("timeout", 6 * 3600))
         self.cwd = config.get("cwd") or None
@@ -339,6 +346,7 @@ class SyncService(threading.Thread):
                     return
                 self.running_since = started
             try:
+                self._renew_keys()
                 result = self._execute()
             finally:
                 with self.lock:
@@ -348,6 +356,26 @@ class SyncService(threading.Thread):
             self.last, self.runs = result, self.runs + 1
         log.info("sync finished: exit %s in %.1fs, snapshot %s", result["exit_code"], result["duration"],
                  result["snapshot_id"] or "-")
+
+    def _renew_keys(self) -> None:
+        """Before a run, if the storage keys are near their end. A failure is logged: the run goes on
+        (the keys may still work; if not, restic's error is reported like any failed sync)."""
+        if self.renew is None or not self.env_expires_at or not self.env_lifetime:
+            return
+        if time.time() < self.env_expires_at - max(self.env_lifetime / 4, 2 * self.interval):
+            return
+        try:
+            answer = self.renew()
+            env, expires_at = answer["env"], answer.get("expires_at")
+            if not isinstance(env, dict) or not all(str(k).startswith("AWS_") for k in env):
+                raise ValueError("unexpected keys")
+        except (Unreachable, Refused, KeyError, TypeError, ValueError) as exc:
+            log.warning("could not renew the sync's storage keys: %s", exc)
+            return
+        self.env = {k: v for k, v in self.env.items() if not k.startswith("AWS_")}
+        self.env.update({str(k): str(v) for k, v in env.items()})
+        self.env_expires_at = float(expires_at) if expires_at else None
+        log.info("sync storage keys renewed")
 
     def _execute(self) -> dict[str, Any]:
         shell = isinstance(self.command, str)
@@ -418,7 +446,8 @@ class Backoff:
 
 class ControlPlane:
     def __init__(self, url: str, instance_id: int, secret: str, timeout: float = 10.0):
-        self.url = url.rstrip("/") + STATUS_PATH
+        self.base_url = url.rstrip("/")
+        self.url = self.base_url + STATUS_PATH
         self.instance_id = instance_id
         self._secret = secret
         self.timeout = timeout
@@ -427,11 +456,15 @@ class ControlPlane:
     def __repr__(self) -> str:  # never the secret
         return f"ControlPlane({self.url!r}, instance {self.instance_id})"
 
-    def post(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def sync_credentials(self) -> dict[str, Any]:
+        """New storage keys for the sync service (signed like a heartbeat)."""
+        return self.post({}, path=SYNC_CREDENTIALS_PATH)
+
+    def post(self, payload: dict[str, Any], path: str = STATUS_PATH) -> dict[str, Any]:
         body = json.dumps(payload, separators=(",", ":")).encode()
         timestamp = str(int(time.time() + self.clock_offset))
         nonce = os.urandom(16).hex()
-        request = urllib.request.Request(self.url, data=body, method="POST", headers={  # noqa: S310
+        request = urllib.request.Request(self.base_url + path, data=body, method="POST", headers={  # noqa: S310
             "Content-Type": "application/json",
             "User-Agent": "dumont-agent/" + VERSION,
             "X-Dumont-Instance": str(self.instance_id),
@@ -483,7 +516,8 @@ class Agent:
         self.preparing_hibernate = False
         self.sync: SyncService | None = None
         if config.get("sync") and config["sync"].get("command"):
-            self.sync = SyncService(config["sync"], os.path.join(state_dir, "sync.lock"), self.stop)
+            self.sync = SyncService(config["sync"], os.path.join(state_dir, "sync.lock"), self.stop,
+                                    renew=self.control_plane.sync_credentials)
 
     def state(self) -> str:
         if not self.preparing_hibernate:

@@ -165,3 +165,32 @@ def test_the_config_file_holds_the_secret_and_the_command_line_does_not(live_ser
                    what="the agent's state with the answered action")
         state = json.loads(state_file.read_text())
     assert secret not in cmdline and state["pid"] == agent.process.pid and state["action"] == "none"
+
+
+def test_renews_the_syncs_storage_keys_before_they_expire(live_server, instance, tmp_path, settings):
+    """Temporary keys (`r2`): once a quarter of their life is left, the agent asks the control plane for
+    new ones before its next run; the repository password it already has stays as it is."""
+    from dumont.s3server import scoped_credentials
+    from snapshots.models import SnapshotRepository
+    from snapshots.storage import scope_secret
+
+    instance, secret = instance
+    settings.SNAPSHOT_MACHINE_CREDENTIALS, settings.SNAPSHOT_S3_BUCKET = "scoped", "dumont-test"
+    SnapshotRepository.objects.create(owner=instance.owner, prefix=f"users/{instance.owner_id}/cd34",
+                                      password="restic-password", initialized_at="2026-11-29T00:00:00Z")
+    expected = scoped_credentials(f"dumont-test/users/{instance.owner_id}/cd34", scope_secret())
+    keys_log = tmp_path / "keys.log"
+    script = ("import os\nwith open(os.environ['KEYS_LOG'], 'a') as f:\n"
+              "    f.write(os.environ['AWS_ACCESS_KEY_ID'] + ' ' + os.environ['RESTIC_PASSWORD'] + '\\n')\n")
+    sync = {"command": [sys.executable, "-c", script], "interval": 0.2, "env_expires_at": time.time() + 4,
+            "env": {"KEYS_LOG": str(keys_log), "AWS_ACCESS_KEY_ID": "old-key", "AWS_SECRET_ACCESS_KEY": "old",
+                    "RESTIC_PASSWORD": "restic-password"}}
+    with agent_running(tmp_path / "agent", url=live_server.url, instance_id=instance.pk, secret=secret,
+                       sync=sync) as agent:
+        wait_until(lambda: keys_log.exists() and expected.access_key_id in keys_log.read_text(), timeout=20,
+                   what="a run with the renewed keys")
+        log = agent.log
+    runs = keys_log.read_text().splitlines()
+    assert runs[0] == "old-key restic-password"  # far from expiry: the keys it was given
+    assert runs[-1] == f"{expected.access_key_id} restic-password"
+    assert "renewed" in log and secret not in log and expected.secret_access_key not in log
