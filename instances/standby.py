@@ -212,9 +212,11 @@ def _rent(standby: StandbyMachine, config: StandbyConfig) -> None:
                            ssh_public_keys=(control_plane_public_key(), standby.mirror_public_key, *owner_keys),
                            interruptible=config.spot)
     machine = client.create(offer, launch)
-    StandbyMachine.objects.filter(pk=standby.pk).update(provider_instance_id=machine.instance_id,
-                                                        price_per_hour=offer.price_per_hour)
     standby.provider_instance_id, standby.price_per_hour = machine.instance_id, offer.price_per_hour
+    if not StandbyMachine.objects.filter(pk=standby.pk, status=StandbyMachine.Status.PROVISIONING).update(
+            provider_instance_id=machine.instance_id, price_per_hour=offer.price_per_hour):
+        client.destroy(machine.instance_id)  # the instance was destroyed meanwhile: nothing to keep
+        raise StandbyError("the standby is no longer wanted (its instance was destroyed meanwhile)")
     deadline = time.monotonic() + settings.STANDBY_BOOT_TIMEOUT_SECONDS
     while not machine.ssh_ready:
         if machine.status in (STATUS_FAILED, STATUS_GONE):
@@ -231,7 +233,11 @@ def _rent(standby: StandbyMachine, config: StandbyConfig) -> None:
     standby.ssh_host, standby.ssh_port, standby.ssh_user, standby.ssh_host_key = (
         target.host, target.port, target.user, target.host_key)
     standby.status, standby.ready_at = StandbyMachine.Status.READY, timezone.now()
-    standby.save(update_fields=["ssh_host", "ssh_port", "ssh_user", "ssh_host_key", "status", "ready_at"])
+    if not StandbyMachine.objects.filter(pk=standby.pk, status=StandbyMachine.Status.PROVISIONING).update(
+            ssh_host=target.host, ssh_port=target.port, ssh_user=target.user, ssh_host_key=target.host_key,
+            status=standby.status, ready_at=standby.ready_at):
+        client.destroy(machine.instance_id)
+        raise StandbyError("the standby is no longer wanted (its instance was destroyed meanwhile)")
 
 
 _INSTALL_RSYNC = ("command -v rsync >/dev/null 2>&1 || "
@@ -445,6 +451,8 @@ def instance_failback_request(*, instance: Instance) -> Instance:
 
 def instance_failback_run(instance_id: int) -> str:
     """failback: race for a GPU, pull the standby's workspace onto it, agent, running; the mirror resumes."""
+    from instances import tasks
+
     with instance_locked(instance_id) as instance:
         if instance.status == Status.FAILOVER:  # automatic failback (auto_recovery)
             instance = transition(instance.pk, Status.FAILBACK, expected=Status.FAILOVER,
@@ -452,8 +460,13 @@ def instance_failback_run(instance_id: int) -> str:
         if instance.status != Status.FAILBACK:
             return "skipped"
         standby = active_standby(instance_id, ready=True)
-        if standby is None:
-            raise StandbyError(f"instance {instance_id} is failing back without a standby")
+        if standby is None:  # the standby died while the user worked on it: the latest snapshot is what is left
+            with transaction.atomic():
+                transition(instance.pk, Status.RECOVERING, expected=Status.FAILBACK,
+                           message="failback: the standby is gone; recovering from the latest snapshot",
+                           **MACHINE_FIELDS_CLEARED)
+                transaction.on_commit(lambda: tasks.recover_instance.delay(instance_id))
+            return "recovering"
         began = instance.status_changed_at
         timings: dict[str, float] = {}
         if not instance.provider_instance_id:

@@ -61,7 +61,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     Status.RECOVERING: frozenset({Status.RUNNING, Status.HIBERNATED, Status.DESTROYING}),
     Status.FAILOVER: frozenset({Status.FAILBACK, Status.RECOVERING, Status.DESTROYING}),
     # a failback that finds no GPU leaves the user on the standby
-    Status.FAILBACK: frozenset({Status.RUNNING, Status.FAILOVER, Status.DESTROYING}),
+    Status.FAILBACK: frozenset({Status.RUNNING, Status.FAILOVER, Status.RECOVERING, Status.DESTROYING}),
     Status.DESTROYING: frozenset({Status.DESTROYED}),
     Status.DESTROYED: frozenset(),
 }

@@ -262,3 +262,12 @@ def test_a_gcp_standby_refused_for_quota_is_an_event_and_the_gpu_instance_is_unt
         assert stored_label == row.label == f"{instance.label}-s{row.pk}"  # what reconcile finds it by
     finally:
         stub.close()
+
+
+def test_a_failback_whose_standby_is_gone_recovers_from_the_snapshot_instead(user):
+    instance = make_instance(user, status="failback")
+    StandbyMachine.objects.create(instance=instance, provider="local", status="failed", error="lost")
+    assert standby.instance_failback_run(instance.pk) == "recovering"
+    instance.refresh_from_db()
+    assert instance.status == "recovering"
+    assert standby.instance_failback_run(instance.pk) == "skipped"  # once
