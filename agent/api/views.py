@@ -35,7 +35,9 @@ def status_answer(meta: dict[str, Any], read_body: Callable[[], bytes]) -> tuple
     """(HTTP status, JSON answer) for a heartbeat: `{"action": "none" | "prepare_hibernate" |
     "shutdown", "interval": s}` when accepted. `meta`: the WSGI environ; `read_body`: its exact bytes
     (what was signed), read only once the size is known to be acceptable."""
-    received_at = time.time()
+    # whole microseconds: Redis's copy (Python's datetime) and PostgreSQL's (to_timestamp) then read the same
+    # instant; a float between two microseconds was rounded one way by each
+    received_at = round(time.time(), 6)
     if int(meta.get("CONTENT_LENGTH") or 0) > settings.AGENT_MAX_BODY_BYTES:
         return TOO_LARGE
     body = read_body()
