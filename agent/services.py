@@ -84,10 +84,7 @@ def sync_credentials_issue(*, agent: Agent) -> dict[str, Any]:
     except StorageError as exc:
         log.warning("no sync credentials for instance %s: %s", instance.pk, exc)
         raise Unavailable from exc
-    env = {"AWS_ACCESS_KEY_ID": credentials.access_key_id, "AWS_SECRET_ACCESS_KEY": credentials.secret_access_key}
-    if credentials.session_token:
-        env["AWS_SESSION_TOKEN"] = credentials.session_token
-    return {"env": env, "expires_at": expires_at}
+    return {"env": credentials.aws_env(), "expires_at": expires_at}
 
 
 def heartbeat_record(*, agent: Agent, heartbeat: dict[str, Any], received_at: float) -> dict[str, Any]:

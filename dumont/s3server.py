@@ -59,6 +59,13 @@ class Credentials:
     def __repr__(self) -> str:  # never show the secret in a log or a traceback
         return f"Credentials(access_key_id={self.access_key_id!r}, secret_access_key=***)"
 
+    def aws_env(self) -> dict[str, str]:
+        """The environment S3 clients (restic, the AWS SDKs) read these keys from."""
+        env = {"AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key}
+        if self.session_token:
+            env["AWS_SESSION_TOKEN"] = self.session_token
+        return env
+
 
 def scope_secret_for(configured: str, secret_key: str) -> str:
     """The secret scoped keys derive from: SNAPSHOT_S3_SCOPE_SECRET, else one derived from SECRET_KEY."""

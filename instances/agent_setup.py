@@ -29,7 +29,7 @@ def agent_start(instance: Instance) -> bool:
     missing heartbeat is not idleness), so it keeps running, and the agent can be redeployed.
     """
     secret = agent_credential_issue(instance.pk)
-    target = SSHTarget(instance.ssh_host, instance.ssh_port or 22, instance.ssh_user or "root", instance.ssh_host_key)
+    target = instance.ssh_target
     try:
         sync = _sync(instance, target)
     except (SSHError, ResticError, StorageError) as exc:

@@ -35,7 +35,6 @@ from instances.services import instance_event_add
 from instances.states import Status, transition
 from machines.clients import provider_client
 from machines.providers.base import ProviderError
-from machines.ssh import SSHTarget
 from snapshots import services as snapshot_services
 from snapshots.models import Snapshot
 
@@ -124,10 +123,6 @@ def hibernation_sweep(*, batch_size: int = 500) -> dict:
 # ---- hibernate -----------------------------------------------------------------------------
 
 
-def ssh_target_of(instance: Instance) -> SSHTarget:
-    return SSHTarget(instance.ssh_host, instance.ssh_port or 22, instance.ssh_user or "root", instance.ssh_host_key)
-
-
 def events_for(instance: Instance):
     def on_event(kind: str, message: str, data: dict) -> None:
         instance_event_add(instance=instance, kind=kind, message=message, data=data)
@@ -146,7 +141,7 @@ def _hibernation_snapshot(instance: Instance) -> Snapshot:
     unfinished = Snapshot.objects.filter(instance=instance, status__in=Snapshot.ACTIVE).order_by("-id").first()
     if unfinished:  # its worker died mid-backup: run it again
         return snapshot_services.snapshot_run(snapshot_id=unfinished.pk, on_event=on_event)
-    return snapshot_services.snapshot_take(owner=instance.owner, instance_id=instance.pk, target=ssh_target_of(instance),
+    return snapshot_services.snapshot_take(owner=instance.owner, instance_id=instance.pk, target=instance.ssh_target,
                                            reason=Snapshot.Reason.HIBERNATE, on_event=on_event)
 
 
@@ -232,7 +227,7 @@ def instance_wake_run(instance_id: int) -> str:
             instance.refresh_from_db()
         started = time.monotonic()
         restore = snapshot_services.snapshot_restore(owner=instance.owner, instance_id=instance.pk,
-                                                     target=ssh_target_of(instance), on_event=events_for(instance))
+                                                     target=instance.ssh_target, on_event=events_for(instance))
         timings["restore"] = round(time.monotonic() - started, 3)
         if restore.status != restore.Status.SUCCEEDED:
             provider = provider_client(instance.provider, instance.provider_account)

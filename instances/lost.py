@@ -40,6 +40,7 @@ from machines.providers.base import STATUS_FAILED, STATUS_GONE, STATUS_STOPPED, 
 from machines.ssh import SSHError, SSHTarget, connect
 from snapshots import services as snapshot_services
 from snapshots.models import Snapshot
+from snapshots.selectors import snapshot_latest_verified
 
 log = logging.getLogger(__name__)
 LOST_PROVIDER_STATUSES = (STATUS_GONE, STATUS_FAILED, STATUS_STOPPED)
@@ -120,7 +121,7 @@ def machine_check_run(instance_id: int) -> str:
 def machine_verdict(instance: Instance) -> tuple[bool, str, dict]:
     """(lost?, why, evidence): the provider's word first, then SSH with the pinned host key."""
     provider = provider_client(instance.provider, instance.provider_account)
-    target = SSHTarget(instance.ssh_host, instance.ssh_port or 22, instance.ssh_user or "root", instance.ssh_host_key)
+    target = instance.ssh_target
     evidence: dict = {}
     try:
         machine = provider.get(instance.provider_instance_id)
@@ -144,11 +145,6 @@ def machine_verdict(instance: Instance) -> tuple[bool, str, dict]:
             error = exc
     evidence["ssh_error"] = str(error)[:300]
     return True, f"SSH does not answer ({error})", evidence
-
-
-def latest_verified_snapshot(instance_id: int) -> Snapshot | None:
-    return (Snapshot.objects.filter(instance_id=instance_id, status=Snapshot.Status.VERIFIED)
-            .order_by("-finished_at").first())
 
 
 def snapshot_point(snapshot: Snapshot) -> datetime:
@@ -187,7 +183,7 @@ def machine_lost(instance: Instance, *, reason: str, evidence: dict, last_heartb
         standby_module.failover_to(instance, standby, lost=lost, reason=f"machine lost: {reason}",
                                    detected_at=detected_at, last_heartbeat=last_heartbeat)
     else:
-        snapshot = latest_verified_snapshot(instance.pk)
+        snapshot = snapshot_latest_verified(instance_id=instance.pk)
         with transaction.atomic():
             transition(instance.pk, Status.RECOVERING, expected=Status.RUNNING,
                        message=f"machine lost ({reason}): recovering on a new machine",
@@ -214,7 +210,7 @@ def _destroy_lost(instance: Instance, machine_id: str) -> None:
 
 def instance_recover_run(instance_id: int) -> str:
     """recovering -> (race, restore, agent) -> running. Resumable: a second delivery finds the race won."""
-    from instances.hibernation import events_for, ssh_target_of
+    from instances.hibernation import events_for
 
     with instance_locked(instance_id) as instance:
         if instance.status != Status.RECOVERING:
@@ -230,11 +226,11 @@ def instance_recover_run(instance_id: int) -> str:
             if outcome != "won":
                 return outcome  # the race sent the instance to hibernated (its snapshot is untouched)
             instance.refresh_from_db()
-        snapshot = latest_verified_snapshot(instance.pk)
+        snapshot = snapshot_latest_verified(instance_id=instance.pk)
         if snapshot is not None:
             started = time.monotonic()
             restore = snapshot_services.snapshot_restore(owner=instance.owner, instance_id=instance.pk,
-                                                         snapshot_id=snapshot.pk, target=ssh_target_of(instance),
+                                                         snapshot_id=snapshot.pk, target=instance.ssh_target,
                                                          on_event=events_for(instance))
             timings["restore"] = round(time.monotonic() - started, 3)
             if restore.status != restore.Status.SUCCEEDED:

@@ -4,6 +4,7 @@ from django.db import models
 
 from dumont.core.fields import EncryptedTextField
 from instances.states import ACTIVE, Status
+from machines.ssh import SSHTarget
 
 
 class Instance(models.Model):
@@ -64,6 +65,11 @@ class Instance(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} (#{self.pk}, {self.status})"
+
+    @property
+    def ssh_target(self) -> SSHTarget:
+        """The current machine's SSH address, with its pinned host key."""
+        return SSHTarget(self.ssh_host, self.ssh_port or 22, self.ssh_user or "root", self.ssh_host_key or None)
 
     @property
     def label(self) -> str:
@@ -184,3 +190,7 @@ class StandbyMachine(models.Model):
 
     def __str__(self) -> str:
         return f"standby #{self.pk} of instance {self.instance_id} ({self.status})"
+
+    @property
+    def ssh_target(self) -> SSHTarget:
+        return SSHTarget(self.ssh_host, self.ssh_port or 22, self.ssh_user or "root", self.ssh_host_key or None)

@@ -69,10 +69,6 @@ def active_standby(instance_id: int, *, ready: bool = False) -> StandbyMachine |
     return StandbyMachine.objects.filter(instance_id=instance_id, status__in=statuses).order_by("-id").first()
 
 
-def standby_target(standby: StandbyMachine) -> SSHTarget:
-    return SSHTarget(standby.ssh_host, standby.ssh_port or 22, standby.ssh_user or "root", standby.ssh_host_key)
-
-
 def lag_seconds(standby: StandbyMachine | None, now: datetime | None = None) -> float | None:
     """How old the mirror is: seconds since the last good sync started (None: never synced)."""
     if standby is None or standby.last_sync_at is None:
@@ -274,7 +270,7 @@ def _destroy_machine(standby: StandbyMachine) -> bool:
 
 
 def _known_host(standby: StandbyMachine) -> str:
-    return f"{standby_target(standby).known_hosts_name} {standby.ssh_host_key}"
+    return f"{standby.ssh_target.known_hosts_name} {standby.ssh_host_key}"
 
 
 def rsync_script(standby: StandbyMachine, *, pull: bool) -> str:
@@ -282,7 +278,7 @@ def rsync_script(standby: StandbyMachine, *, pull: bool) -> str:
 
     The mirror key and the standby's pinned host key come in the environment (over stdin, never argv).
     """
-    target = standby_target(standby)
+    target = standby.ssh_target
     ssh = ("ssh -F /dev/null -i $d/key -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes "
            f"-o UserKnownHostsFile=$d/known_hosts -o GlobalKnownHostsFile=/dev/null -o ConnectTimeout=15 "
            f"-o ServerAliveInterval=15 -p {int(target.port)}")
@@ -323,10 +319,6 @@ def standby_sync_run(instance_id: int) -> str:
         return _sync_locked(instance_id)
 
 
-def _gpu_target(instance: Instance) -> SSHTarget:
-    return SSHTarget(instance.ssh_host, instance.ssh_port or 22, instance.ssh_user or "root", instance.ssh_host_key)
-
-
 def _sync_locked(instance_id: int) -> str:
     """GPU -> standby, once. A failure is recorded; a standby the provider says is gone is replaced."""
     instance = Instance.objects.get(pk=instance_id)
@@ -335,7 +327,7 @@ def _sync_locked(instance_id: int) -> str:
         return "skipped"
     started_at, started = timezone.now(), time.monotonic()
     try:
-        with connect(_gpu_target(instance), control_plane_key_path()) as session:
+        with connect(instance.ssh_target, control_plane_key_path()) as session:
             stats = mirror(session, standby)
     except (SSHError, StandbyError) as exc:
         first_failure = not standby.last_sync_error
@@ -479,7 +471,7 @@ def instance_failback_run(instance_id: int) -> str:
         # a periodic sync cannot start (instance not running) but one may be finishing: wait for it
         with advisory_lock(STANDBY_LOCK, instance_id, wait_seconds=settings.STANDBY_SYNC_TIMEOUT_SECONDS):
             try:
-                with connect(_gpu_target(instance), control_plane_key_path()) as session:
+                with connect(instance.ssh_target, control_plane_key_path()) as session:
                     started = time.monotonic()
                     stats = mirror(session, standby, pull=True)
                     timings["copy"] = round(time.monotonic() - started, 3)

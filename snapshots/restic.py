@@ -63,15 +63,7 @@ class Repository:
         return f"Repository({self.url!r}, key {self.credentials.access_key_id!r})"
 
     def env(self) -> dict[str, str]:
-        env = {
-            "RESTIC_REPOSITORY": self.url,
-            "RESTIC_PASSWORD": self.password,
-            "AWS_ACCESS_KEY_ID": self.credentials.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": self.credentials.secret_access_key,
-        }
-        if self.credentials.session_token:
-            env["AWS_SESSION_TOKEN"] = self.credentials.session_token
-        return env
+        return {"RESTIC_REPOSITORY": self.url, "RESTIC_PASSWORD": self.password, **self.credentials.aws_env()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,6 @@ from instances.models import InstanceEvent
 from instances.selectors import instance_of
 from instances.services import instance_event_add
 from instances.states import Status as InstanceStatus
-from machines.ssh import SSHTarget
 from snapshots import selectors, services, tasks
 from snapshots.api.serializers import (
     SnapshotCreateSerializer,
@@ -28,9 +27,7 @@ def _running_instance(user, instance_id: int):
     instance = instance_of(user=user, instance_id=instance_id)
     if instance.status != InstanceStatus.RUNNING:
         raise Conflict(f"instance {instance.pk} is {instance.status}, not running", data={"status": instance.status})
-    target = SSHTarget(instance.ssh_host, instance.ssh_port or 22, instance.ssh_user or "root",
-                       instance.ssh_host_key or None)
-    return instance, target
+    return instance, instance.ssh_target
 
 
 class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
