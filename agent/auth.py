@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from agent import mirror
 from agent.conf import settings
 from agent.daemon.dumont_agent import signature
+from dumont.core.errors import NotAuthenticated
 from dumont.core.fields import decrypt
 
 HEADER_INSTANCE = "HTTP_X_DUMONT_INSTANCE"
@@ -28,7 +29,7 @@ _SIGNATURE = re.compile(r"[0-9a-f]{64}\Z")
 _DIGITS = re.compile(r"[0-9]{1,18}\Z")
 
 
-class AuthFailed(Exception):
+class AuthFailed(NotAuthenticated):
     pass
 
 

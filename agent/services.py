@@ -24,6 +24,7 @@ from agent import buffer
 from agent.auth import Agent, AuthFailed
 from agent.conf import settings
 from agent.models import AgentCredential, Heartbeat
+from dumont.core.errors import NotAuthenticated, ServiceUnavailable
 from instances.models import Instance
 from instances.states import Status
 
@@ -36,8 +37,8 @@ ACTION_SHUTDOWN = "shutdown"
 _SHUTDOWN_STATUSES = frozenset({Status.DESTROYING, Status.DESTROYED, Status.HIBERNATED, Status.FAILED})
 
 
-class Replay(Exception):
-    """The nonce was already used within the signature window."""
+class Replay(NotAuthenticated):
+    """The nonce was already used within the signature window (answered like any failed authentication)."""
 
 
 def agent_credential_issue(instance_id: int) -> str:
@@ -60,7 +61,7 @@ def action_for_status(status: str) -> str:
     return ACTION_NONE
 
 
-class Unavailable(Exception):
+class Unavailable(ServiceUnavailable):
     """Storage could not issue keys now: the agent tries again later."""
 
 

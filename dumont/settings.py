@@ -5,7 +5,6 @@ marketplace on) or `production` (no default for any secret, local marketplace of
 clean).
 """
 
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -102,12 +101,9 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 
-# ---- Redis: one URL for broker and results. Each pytest-xdist worker gets its own database. ----
+# ---- Redis: one URL for broker and results (each pytest-xdist worker gets its own: tests/conftest.py) ----
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
-_xdist_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-if _xdist_worker.startswith("gw"):
-    REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + f"/{1 + int(_xdist_worker[2:]) % 15}"
-REDIS_KEY_PREFIX = env.str("REDIS_KEY_PREFIX", default="dumont") + (f"-{_xdist_worker}" if _xdist_worker else "")
+REDIS_KEY_PREFIX = env.str("REDIS_KEY_PREFIX", default="dumont")
 
 # ---- REST framework, JWT, OpenAPI ----
 REST_FRAMEWORK = {

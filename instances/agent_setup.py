@@ -8,8 +8,8 @@ from django.conf import settings
 
 from agent.deploy import SyncConfig, agent_deploy
 from agent.services import agent_credential_issue
+from instances.events import instance_event_add
 from instances.models import Instance, InstanceEvent
-from instances.services import instance_event_add
 from instances.states import Status
 from machines.keys import control_plane_key_path
 from machines.ssh import SSHError, SSHTarget, connect

@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from datetime import datetime, timedelta
 
-from django.conf import settings
-from django.db.models import Q
 from django.utils import timezone
 
 from dumont.core.locks import advisory_lock
-from instances import agent_setup
-from instances.lifecycle import MACHINE_FIELDS_CLEARED, instance_locked
+from instances.events import events_for, instance_event_add
+from instances.locks import instance_locked
 from instances.models import Instance, InstanceEvent
-from instances.race import race_locked
-from instances.services import instance_event_add
-from instances.states import Status, transition
+from instances.relaunch import relaunch
+from instances.selectors import instances_idle, instances_to_release
+from instances.states import MACHINE_FIELDS_CLEARED, Status, transition
 from machines.clients import provider_client
 from machines.providers.base import ProviderError
 from snapshots import services as snapshot_services
@@ -44,90 +40,18 @@ log = logging.getLogger(__name__)
 # ---- idleness ------------------------------------------------------------------------------
 
 
-def is_idle(samples: Sequence[tuple[datetime, float | None]], *, now: datetime, window: float, threshold: float,
-            max_gap: float) -> bool:
-    """Whether these heartbeats (received_at, gpu_util) prove the GPU idle for the whole window."""
-    start = now - timedelta(seconds=window)
-    in_window = sorted((at, util) for at, util in samples if at >= start)
-    if not in_window:
-        return False
-    times = [start, *(at for at, _ in in_window), now]
-    if any((later - earlier).total_seconds() > max_gap for earlier, later in zip(times, times[1:], strict=False)):
-        return False  # a gap in heartbeats is not idleness
-    return all(util is not None and util < threshold for _, util in in_window)
-
-
-def instance_is_idle(instance: Instance, *, now: datetime | None = None) -> bool:
-    from agent import selectors as agent_selectors
-
-    now = now or timezone.now()
-    if instance.keep_awake_until and instance.keep_awake_until > now:
-        return False
-    window = settings.IDLE_WINDOW_SECONDS
-    samples = agent_selectors.heartbeats_window(instance.pk, window)
-    return is_idle(samples, now=now, window=window, threshold=settings.IDLE_GPU_THRESHOLD_PERCENT,
-                   max_gap=settings.HEARTBEAT_MAX_GAP_SECONDS)
-
-
-def _retry_allowed(instance: Instance, now: datetime) -> bool:
-    """After failed hibernations, wait 1, 2, 4... minutes (capped) before trying again."""
-    failures = 0
-    last_failure = None
-    for event in instance.events.filter(kind=InstanceEvent.Kind.HIBERNATE).order_by("-id")[:10]:
-        if not event.data.get("failed"):
-            break
-        failures += 1
-        last_failure = last_failure or event.created_at
-    if not failures:
-        return True
-    backoff = min(settings.HIBERNATE_RETRY_BASE_SECONDS * 2 ** (failures - 1), settings.HIBERNATE_RETRY_MAX_SECONDS)
-    return now - last_failure >= timedelta(seconds=backoff)
-
-
-def instances_idle(*, now: datetime | None = None, batch_size: int = 500) -> list[int]:
-    """Running instances whose GPU proved idle for the whole window (and whose retry backoff passed)."""
-    now = now or timezone.now()
-    window_start = now - timedelta(seconds=settings.IDLE_WINDOW_SECONDS)
-    candidates = Instance.objects.filter(status=Status.RUNNING, status_changed_at__lte=window_start).filter(
-        Q(keep_awake_until__isnull=True) | Q(keep_awake_until__lte=now)
-    ).order_by("id")[:batch_size]
-    return [i.pk for i in candidates if instance_is_idle(i, now=now) and _retry_allowed(i, now)]
-
-
-def instances_to_release(*, now: datetime | None = None, batch_size: int = 500) -> list[int]:
-    now = now or timezone.now()
-    release_before = now - timedelta(seconds=settings.HIBERNATION_RELEASE_SECONDS)
-    return list(Instance.objects.filter(status=Status.HIBERNATED, released_at__isnull=True,
-                                        status_changed_at__lte=release_before)
-                .order_by("id").values_list("id", flat=True)[:batch_size])
-
-
 def hibernation_sweep(*, batch_size: int = 500) -> dict:
-    """Periodic (beat): hibernate idle instances, release long-hibernated ones. Bounded and idempotent;
-    two beats running at once do nothing twice (an advisory lock, and each task re-checks under the
-    instance's lock)."""
-    from instances import tasks
-
+    """Periodic (beat): the idle instances to hibernate and the long-hibernated ones to release. Returns
+    their ids; the task (instances.tasks.hibernation_sweep) enqueues the work. Bounded; two beats at once do
+    nothing twice (an advisory lock, and each task re-checks under the instance's lock)."""
     with advisory_lock("hibernation-sweep", 0) as acquired:
         if not acquired:
             return {"skipped": True}
-        idle = instances_idle(batch_size=batch_size)
-        for instance_id in idle:
-            tasks.hibernate_instance.delay(instance_id, "idle")
-        released = instances_to_release(batch_size=batch_size)
-        for instance_id in released:
-            tasks.release_instance.delay(instance_id)
-        return {"hibernating": idle, "releasing": released}
+        return {"hibernating": instances_idle(batch_size=batch_size),
+                "releasing": instances_to_release(batch_size=batch_size)}
 
 
 # ---- hibernate -----------------------------------------------------------------------------
-
-
-def events_for(instance: Instance):
-    def on_event(kind: str, message: str, data: dict) -> None:
-        instance_event_add(instance=instance, kind=kind, message=message, data=data)
-
-    return on_event
 
 
 def _hibernation_snapshot(instance: Instance) -> Snapshot:
@@ -216,38 +140,15 @@ def instance_wake_run(instance_id: int) -> str:
     with instance_locked(instance_id) as instance:
         if instance.status != Status.WAKING:
             return "skipped"
-        began = instance.status_changed_at
-        timings: dict[str, float] = {}
-        if not instance.provider_instance_id:
-            started = time.monotonic()
-            outcome = race_locked(instance.pk, prefer_host=_last_host(instance))
-            timings["race"] = round(time.monotonic() - started, 3)
-            if outcome != "won":
-                return outcome  # the race already sent the instance back to hibernated (or it was destroyed)
-            instance.refresh_from_db()
-        started = time.monotonic()
-        restore = snapshot_services.snapshot_restore(owner=instance.owner, instance_id=instance.pk,
-                                                     target=instance.ssh_target, on_event=events_for(instance))
-        timings["restore"] = round(time.monotonic() - started, 3)
-        if restore.status != restore.Status.SUCCEEDED:
-            provider = provider_client(instance.provider, instance.provider_account)
-            provider.destroy(instance.provider_instance_id)
-            transition(instance.pk, Status.HIBERNATED, expected=Status.WAKING,
-                       message=f"wake failed, back to hibernated (snapshot intact): restore failed: {restore.error}",
-                       **MACHINE_FIELDS_CLEARED)
-            return "restore-failed"
-        started = time.monotonic()
-        agent_setup.agent_start(instance)
-        timings["agent"] = round(time.monotonic() - started, 3)
-        timings["total"] = round((timezone.now() - began).total_seconds(), 3)
-        transition(instance.pk, Status.RUNNING, expected=Status.WAKING,
-                   message=f"awake on {instance.host_id} in {timings['total']:.1f}s",
-                   data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name,
-                         "timings": timings})
-        instance_event_add(instance=instance, kind=InstanceEvent.Kind.WAKE,
-                           message=f"workspace restored and agent running in {timings['total']:.1f}s",
-                           data={"timings": timings, "restore": restore.pk})
-        return "running"
+        done = relaunch(instance.pk, expected=Status.WAKING, prefer_host=_last_host(instance), source="snapshot",
+                        running_message="awake on {host} in {seconds:.1f}s",
+                        failed_message="wake failed, back to hibernated (snapshot intact): restore failed: {error}")
+        if done.outcome == "running":
+            instance_event_add(instance=instance, kind=InstanceEvent.Kind.WAKE,
+                               message=f"workspace restored and agent running in {done.timings['total']:.1f}s",
+                               data={"timings": done.timings, "restore": done.detail["restore"]})
+        # otherwise the race or the relaunch already sent the instance back to hibernated (or it was destroyed)
+        return done.outcome
 
 
 def _last_host(instance: Instance) -> str:

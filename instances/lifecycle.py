@@ -3,19 +3,16 @@ the race holds), re-checks the status it expects, and is safe to run twice."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 
 from django.conf import settings
 from django.utils import timezone
 
-from dumont.core.locks import advisory_lock
-from instances.models import Instance, InstanceEvent
-from instances.race import LOCK_NAMESPACE
-from instances.services import instance_event_add
-from instances.states import Status, transition
+from instances.events import instance_event_add
+from instances.locks import instance_locked
+from instances.models import InstanceEvent
+from instances.states import MACHINE_FIELDS_CLEARED, Status, transition
 from machines.clients import provider_client
 from machines.keys import control_plane_key_path
 from machines.models import MachineAttempt
@@ -23,25 +20,6 @@ from machines.providers.base import STATUS_FAILED, STATUS_GONE, STATUS_RUNNING, 
 from machines.ssh import SSHError, SSHTarget, wait_for_ssh
 
 log = logging.getLogger(__name__)
-MACHINE_FIELDS_CLEARED = {
-    "provider_instance_id": "", "host_id": "", "ssh_host": "", "ssh_port": None, "ssh_host_key": "",
-    "price_per_hour": None, "machine_started_at": None,
-}
-
-
-class Busy(Exception):
-    """The lifecycle lock is held (a race is ending): the task retries later."""
-
-
-@contextlib.contextmanager
-def instance_locked(instance_id: int) -> Iterator[Instance]:
-    """The instance, fresh from the database, while this task holds its lifecycle lock (the one a race
-    holds). Raises Busy if the lock stays taken: the task retries later."""
-    # a race notices a status change within one poll interval and lets go of the lock
-    with advisory_lock(LOCK_NAMESPACE, instance_id, wait_seconds=30) as acquired:
-        if not acquired:
-            raise Busy(f"instance {instance_id} is busy")
-        yield Instance.objects.select_related("provider_account", "owner").get(pk=instance_id)
 
 
 def instance_destroy_run(instance_id: int) -> str:

@@ -22,23 +22,22 @@ import time
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
 from dumont.core.locks import advisory_lock
 from instances import agent_setup
-from instances.lifecycle import MACHINE_FIELDS_CLEARED, instance_locked
+from instances.events import instance_event_add
+from instances.locks import LOCK_NAMESPACE, instance_locked
 from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
-from instances.race import LOCK_NAMESPACE, race_locked
-from instances.services import instance_event_add
-from instances.states import Status, transition
+from instances.relaunch import relaunch
+from instances.selectors import instances_silent
+from instances.states import MACHINE_FIELDS_CLEARED, Status, transition
 from machines import reliability
 from machines.clients import provider_client
 from machines.keys import control_plane_key_path
 from machines.models import MachineAttempt
 from machines.providers.base import STATUS_FAILED, STATUS_GONE, STATUS_STOPPED, ProviderError
 from machines.ssh import SSHError, SSHTarget, connect
-from snapshots import services as snapshot_services
 from snapshots.models import Snapshot
 from snapshots.selectors import snapshot_latest_verified
 
@@ -49,35 +48,13 @@ LOST_PROVIDER_STATUSES = (STATUS_GONE, STATUS_FAILED, STATUS_STOPPED)
 # ---- detection -----------------------------------------------------------------------------
 
 
-def instances_silent(*, now: datetime | None = None, chunk: int = 1000) -> list[int]:
-    """Running instances whose heartbeats stopped for longer than LOST_MACHINE_SECONDS (or never came,
-    that long after the machine started). Cheap: one Redis MGET per `chunk` instances."""
-    from agent.selectors import last_heartbeats_at
-
-    now = now or timezone.now()
-    threshold = now - timedelta(seconds=settings.LOST_MACHINE_SECONDS)
-    running = list(Instance.objects.filter(status=Status.RUNNING, status_changed_at__lte=threshold)
-                   .order_by("id").values_list("id", flat=True))
-    silent = []
-    for start in range(0, len(running), chunk):
-        ids = running[start:start + chunk]
-        last = last_heartbeats_at(ids)
-        silent += [i for i in ids if last.get(i) is None or last[i] < threshold]
-    return silent
-
-
 def lost_machine_sweep() -> dict:
-    """Periodic (beat): a check task for every silent instance. The checks decide, each under its
-    instance's lock; two sweeps at once do nothing twice."""
-    from instances import tasks
-
+    """Periodic (beat): the silent instances, each to be checked (instances.tasks.lost_machine_sweep enqueues
+    the checks). The checks decide, each under its instance's lock; two sweeps at once do nothing twice."""
     with advisory_lock("lost-machine-sweep", 0) as acquired:
         if not acquired:
             return {"skipped": True}
-        silent = instances_silent()
-        for instance_id in silent:
-            tasks.check_machine.delay(instance_id)
-        return {"checking": silent}
+        return {"checking": instances_silent()}
 
 
 def _silence(instance: Instance, now: datetime) -> tuple[datetime | None, float]:
@@ -156,10 +133,10 @@ def snapshot_point(snapshot: Snapshot) -> datetime:
 
 def machine_lost(instance: Instance, *, reason: str, evidence: dict, last_heartbeat: datetime | None,
                  detected_at: datetime) -> None:
-    """Record the loss, destroy the lost machine, then fail over to the standby or start a recovery.
-    The caller holds the instance's lifecycle lock and saw it `running`."""
+    """Record the loss, destroy the lost machine, and move the instance to its standby (`failover`) or to
+    `recovering` (instances.tasks.check_machine then enqueues what follows). The caller holds the instance's
+    lifecycle lock and saw it `running`."""
     from instances import standby as standby_module
-    from instances import tasks
 
     lost = {"provider_instance_id": instance.provider_instance_id, "host_id": instance.host_id,
             "price_per_hour": str(instance.price_per_hour or 0)}
@@ -184,12 +161,10 @@ def machine_lost(instance: Instance, *, reason: str, evidence: dict, last_heartb
                                    detected_at=detected_at, last_heartbeat=last_heartbeat)
     else:
         snapshot = snapshot_latest_verified(instance_id=instance.pk)
-        with transaction.atomic():
-            transition(instance.pk, Status.RECOVERING, expected=Status.RUNNING,
-                       message=f"machine lost ({reason}): recovering on a new machine",
-                       data={"lost": lost, "snapshot": snapshot.pk if snapshot else None},
-                       **MACHINE_FIELDS_CLEARED)
-            transaction.on_commit(lambda: tasks.recover_instance.delay(instance.pk))
+        transition(instance.pk, Status.RECOVERING, expected=Status.RUNNING,
+                   message=f"machine lost ({reason}): recovering on a new machine",
+                   data={"lost": lost, "snapshot": snapshot.pk if snapshot else None},
+                   **MACHINE_FIELDS_CLEARED)
     _destroy_lost(instance, lost["provider_instance_id"])
 
 
@@ -210,47 +185,23 @@ def _destroy_lost(instance: Instance, machine_id: str) -> None:
 
 def instance_recover_run(instance_id: int) -> str:
     """recovering -> (race, restore, agent) -> running. Resumable: a second delivery finds the race won."""
-    from instances.hibernation import events_for
-
     with instance_locked(instance_id) as instance:
         if instance.status != Status.RECOVERING:
             return "skipped"
-        began = instance.status_changed_at
         lost_event = instance.events.filter(kind=InstanceEvent.Kind.LOST, data__lost=True).order_by("-id").first()
         lost_host = (lost_event.data.get("host_id") or "") if lost_event else ""
-        timings: dict[str, float] = {}
-        if not instance.provider_instance_id:
-            started = time.monotonic()
-            outcome = race_locked(instance.pk, avoid_hosts=(lost_host,) if lost_host else ())
-            timings["race"] = round(time.monotonic() - started, 3)
-            if outcome != "won":
-                return outcome  # the race sent the instance to hibernated (its snapshot is untouched)
-            instance.refresh_from_db()
         snapshot = snapshot_latest_verified(instance_id=instance.pk)
-        if snapshot is not None:
-            started = time.monotonic()
-            restore = snapshot_services.snapshot_restore(owner=instance.owner, instance_id=instance.pk,
-                                                         snapshot_id=snapshot.pk, target=instance.ssh_target,
-                                                         on_event=events_for(instance))
-            timings["restore"] = round(time.monotonic() - started, 3)
-            if restore.status != restore.Status.SUCCEEDED:
-                provider_client(instance.provider, instance.provider_account).destroy(instance.provider_instance_id)
-                transition(instance.pk, Status.HIBERNATED, expected=Status.RECOVERING,
-                           message=f"recovery failed: restore failed ({restore.error}); the snapshot is intact, "
-                                   "wake the instance to try again", **MACHINE_FIELDS_CLEARED)
-                return "restore-failed"
-        started = time.monotonic()
-        agent_setup.agent_start(instance)
-        timings["agent"] = round(time.monotonic() - started, 3)
-        now = timezone.now()
-        timings["total"] = round((now - began).total_seconds(), 3)
+        done = relaunch(instance.pk, expected=Status.RECOVERING, avoid_hosts=(lost_host,) if lost_host else (),
+                        source="snapshot" if snapshot else None, snapshot_id=snapshot.pk if snapshot else None,
+                        running_message="recovered on {host} in {seconds:.1f}s",
+                        failed_message="recovery failed: restore failed ({error}); the snapshot is intact, "
+                                       "wake the instance to try again")
+        if done.outcome != "running":
+            return done.outcome  # hibernated: its snapshot is untouched, a wake tries again
         point = recovery_point(snapshot, lost_event)
-        transition(instance.pk, Status.RUNNING, expected=Status.RECOVERING,
-                   message=f"recovered on {instance.host_id} in {timings['total']:.1f}s",
-                   data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name,
-                         "timings": timings})
         instance_event_add(instance=instance, kind=InstanceEvent.Kind.RECOVERY, message=point["message"]
-                           + f"; recovered in {timings['total']:.1f}s", data={"timings": timings, **point["data"]})
+                           + f"; recovered in {done.timings['total']:.1f}s",
+                           data={"timings": done.timings, **point["data"]})
         return "running"
 
 

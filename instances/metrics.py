@@ -24,7 +24,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from instances.models import Instance, InstanceEvent
-from instances.standby import standby_spend
+from instances.selectors import standby_spend
 from instances.states import Status
 from machines.models import MachineAttempt
 

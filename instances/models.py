@@ -3,7 +3,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from dumont.core.fields import EncryptedTextField
-from instances.states import ACTIVE, Status
+from instances.choices import ACTIVE, Status
 from machines.ssh import SSHTarget
 
 

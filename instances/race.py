@@ -31,9 +31,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from dumont.core.locks import advisory_lock
+from instances.events import instance_event_add
+from instances.locks import LOCK_NAMESPACE
 from instances.models import Instance, InstanceEvent
-from instances.services import instance_event_add
-from instances.states import IllegalTransition, Status, transition
+from instances.states import IllegalTransition, Status, machine_assign, transition
 from machines import reliability
 from machines.clients import provider_client
 from machines.keys import control_plane_key_path, control_plane_public_key
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 Outcome = MachineAttempt.Outcome
 Stage = MachineAttempt.Stage
 LIVE_OUTCOMES = (Outcome.PENDING, Outcome.BOOTING)
-LOCK_NAMESPACE = "instance-lifecycle"
 # a machine just created may take a moment to show up in the provider's list
 LIST_GRACE_SECONDS = 30.0
 
@@ -400,10 +400,7 @@ class _Race:
                 self.instance = transition(self.instance.pk, Status.RUNNING, expected=Status.LAUNCHING,
                                            message=message, data=data, **machine)
             else:  # the machine is the instance's now; the wake/recovery/failback brings the workspace, then running
-                locked = Instance.objects.select_for_update().get(pk=self.instance.pk)
-                if locked.status != self.status:
-                    raise RuntimeError(f"instance {locked.pk} left {self.status} during its race ({locked.status})")
-                Instance.objects.filter(pk=locked.pk).update(**machine)
+                machine_assign(self.instance.pk, expected=self.status, **machine)
                 self._event(InstanceEvent.Kind.WAKE if self.status == Status.WAKING else InstanceEvent.Kind.RACE,
                             message, data)
             winner.outcome = Outcome.WON

@@ -21,15 +21,19 @@ from django.conf import settings
 from django.utils import timezone
 
 from dumont.core.locks import advisory_lock, is_locked
+from instances.events import instance_event_add
+from instances.locks import LOCK_NAMESPACE
 from instances.models import Instance, InstanceEvent, StandbyMachine
-from instances.race import LIVE_OUTCOMES, LOCK_NAMESPACE, RACING
-from instances.services import instance_event_add
+from instances.race import LIVE_OUTCOMES, RACING
 from instances.states import HOLDS_MACHINE, KEEPS_STANDBY, Status
 from machines.clients import clients_for_user
 from machines.models import MachineAttempt
 from machines.providers.base import ProviderError, ProviderInstance
 
 log = logging.getLogger(__name__)
+# statuses whose task resumes from the database (a race from its attempts, a hibernation from its snapshot)
+RESUMABLE = frozenset({Status.PENDING, Status.LAUNCHING, Status.WAKING, Status.DESTROYING, Status.HIBERNATING,
+                       Status.RECOVERING, Status.FAILBACK})
 
 
 def _parse_label(label: str | None) -> tuple[int, int, bool] | None:
@@ -90,35 +94,22 @@ def reconcile_machines() -> list[str]:
     return destroyed
 
 
-def resume_dead_work() -> list[int]:
-    from instances import tasks
-
-    resumed = []
-    retry = {
-        Status.PENDING: tasks.launch_race,
-        Status.LAUNCHING: tasks.launch_race,
-        Status.WAKING: tasks.wake_instance,
-        Status.DESTROYING: tasks.destroy_instance,
-        Status.HIBERNATING: tasks.hibernate_instance,  # resumes: finds or retakes the snapshot first
-        Status.RECOVERING: tasks.recover_instance,
-        Status.FAILBACK: tasks.failback_instance,
-    }
+def dead_work() -> list[tuple[int, str]]:
+    """(instance id, status) of the work whose worker died: the lifecycle lock is free and the status
+    has not moved for RECONCILE_STALE_SECONDS. instances.tasks.reconcile re-enqueues each."""
     stale = Instance.objects.filter(
-        status__in=list(retry),
+        status__in=sorted(RESUMABLE),
         # younger work may simply not have been picked up by a worker yet
         status_changed_at__lt=timezone.now() - timedelta(seconds=settings.RECONCILE_STALE_SECONDS),
     ).order_by("id")[:500]
-    for instance in stale:
-        if is_locked(LOCK_NAMESPACE, instance.pk):
-            continue  # its worker is alive and at it
-        retry[instance.status].delay(instance.pk)
-        resumed.append(instance.pk)
-    return resumed
+    # a held lock: its worker is alive and at it
+    return [(instance.pk, instance.status) for instance in stale if not is_locked(LOCK_NAMESPACE, instance.pk)]
 
 
 def reconcile() -> dict:
     with advisory_lock("reconcile", 0) as acquired:
         if not acquired:
             return {"skipped": True}  # another beat's sweep is running
-        resumed = resume_dead_work()
-        return {"destroyed": reconcile_machines(), "resumed": resumed}
+        resume = dead_work()
+        return {"destroyed": reconcile_machines(), "resumed": [instance_id for instance_id, _ in resume],
+                "resume": resume}

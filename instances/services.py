@@ -11,15 +11,15 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from dumont.core.errors import Conflict, InvalidInput, NotFound
+from instances.events import instance_event_add
 from instances.models import Instance, InstanceEvent, StandbyConfig
+from instances.selectors import active_standby
 from instances.states import ACTIVE, Status, can_transition, transition
 from machines.clients import ACCOUNTLESS_PROVIDERS, provider_client
 from machines.models import ProviderAccount
 from machines.providers.base import provider_names
-
-
-def instance_event_add(*, instance: Instance, kind: str, message: str, data: dict[str, Any] | None = None) -> InstanceEvent:
-    return InstanceEvent.objects.create(instance=instance, kind=kind, message=message, data=data or {})
+from snapshots import services as snapshot_services
+from snapshots.models import Snapshot, SnapshotRestore
 
 
 def instance_create(
@@ -77,6 +77,12 @@ def _require(instance: Instance, target: str, action: str) -> None:
                        data={"status": instance.status})
 
 
+def _expect(instance: Instance, status: str, action: str) -> None:
+    if instance.status != status:
+        raise Conflict(f"Cannot {action} an instance that is {instance.status}.", code="invalid_state",
+                       data={"status": instance.status})
+
+
 def instance_destroy_request(*, instance: Instance) -> Instance:
     """Mark destroying now (a running race sees it and stops), release the machines in a task."""
     from instances import tasks
@@ -102,9 +108,7 @@ def instance_pause_request(*, instance: Instance) -> Instance:
 def instance_resume_request(*, instance: Instance) -> Instance:
     from instances import tasks
 
-    if instance.status != Status.PAUSED:
-        raise Conflict(f"Cannot resume an instance that is {instance.status}.", code="invalid_state",
-                       data={"status": instance.status})
+    _expect(instance, Status.PAUSED, "resume")
     instance_event_add(instance=instance, kind=InstanceEvent.Kind.INFO, message="resume requested")
     transaction.on_commit(lambda: tasks.resume_instance.delay(instance.pk))
     return instance
@@ -128,9 +132,7 @@ def instance_wake_request(
     The optional overrides change the instance's requested spec for this and later launches."""
     from instances import tasks
 
-    if instance.status != Status.HIBERNATED:
-        raise Conflict(f"Cannot wake an instance that is {instance.status}.", code="invalid_state",
-                       data={"status": instance.status})
+    _expect(instance, Status.HIBERNATED, "wake")
     overrides = {name: value for name, value in
                  {"gpu_name": gpu_name, "region": region, "max_price_per_hour": max_price_per_hour}.items()
                  if value is not None}
@@ -151,6 +153,64 @@ def instance_keep_awake(*, instance: Instance, minutes: int) -> Instance:
                            data={"until": until.isoformat() if until else None})
     instance.refresh_from_db()
     return instance
+
+
+def instance_failover_request(*, instance: Instance) -> Instance:
+    """A failover drill: 409 unless running with a standby that has mirrored at least once."""
+    from instances import tasks
+
+    _expect(instance, Status.RUNNING, "fail over")
+    standby = active_standby(instance.pk, ready=True)
+    if standby is None or standby.last_sync_at is None:
+        raise Conflict("This instance has no standby with a mirror yet; enable standby and wait for its first sync.",
+                       code="no_standby")
+    instance_event_add(instance=instance, kind=InstanceEvent.Kind.STANDBY, message="failover requested (drill)")
+    transaction.on_commit(lambda: tasks.failover_instance.delay(instance.pk))
+    return instance
+
+
+def instance_failback_request(*, instance: Instance) -> Instance:
+    """failover -> failback at once (so a second request is a 409), then the race and the copy in a task."""
+    from instances import tasks
+
+    _expect(instance, Status.FAILOVER, "fail back")
+    with transaction.atomic():
+        instance = transition(instance.pk, Status.FAILBACK, expected=Status.FAILOVER, message="failback requested")
+        transaction.on_commit(lambda: tasks.failback_instance.delay(instance.pk))
+    return instance
+
+
+def _running(instance: Instance) -> None:
+    if instance.status != Status.RUNNING:
+        raise Conflict(f"instance {instance.pk} is {instance.status}, not running", data={"status": instance.status})
+
+
+def instance_snapshot_request(*, instance: Instance) -> Snapshot:
+    """Snapshot a running instance now (`POST /instances/{id}/snapshots`); a snapshots task takes it."""
+    from snapshots import tasks as snapshot_tasks
+
+    _running(instance)
+    snapshot = snapshot_services.snapshot_create(owner=instance.owner, instance_id=instance.pk,
+                                                 target=instance.ssh_target)
+    instance_event_add(instance=instance, kind=InstanceEvent.Kind.SNAPSHOT,
+                       message=f"snapshot {snapshot.pk} requested", data={"snapshot": snapshot.pk})
+    transaction.on_commit(lambda: snapshot_tasks.take_snapshot.delay(snapshot.pk))
+    return snapshot
+
+
+def instance_restore_request(*, instance: Instance, snapshot: Snapshot) -> SnapshotRestore:
+    """Restore one of the owner's snapshots into a running instance's workspace (`POST /instances/{id}/restore`;
+    files not in the snapshot stay); a snapshots task runs it."""
+    from snapshots import tasks as snapshot_tasks
+
+    _running(instance)
+    restore = snapshot_services.restore_create(owner=instance.owner, snapshot_id=snapshot.pk, instance_id=instance.pk,
+                                               target=instance.ssh_target)
+    instance_event_add(instance=instance, kind=InstanceEvent.Kind.RESTORE,
+                       message=f"restore of snapshot {snapshot.pk} requested",
+                       data={"restore": restore.pk, "snapshot": snapshot.pk})
+    transaction.on_commit(lambda: snapshot_tasks.restore_snapshot.delay(restore.pk))
+    return restore
 
 
 def standby_config_update(*, owner, **changes: Any) -> StandbyConfig:

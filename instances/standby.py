@@ -26,10 +26,8 @@
 from __future__ import annotations
 
 import logging
-import shlex
 import time
 from datetime import datetime, timedelta
-from decimal import Decimal
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -38,62 +36,31 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from dumont.core.errors import Conflict
 from dumont.core.locks import advisory_lock
-from instances import agent_setup
-from instances.lifecycle import MACHINE_FIELDS_CLEARED, instance_locked
+from instances.events import instance_event_add
+from instances.locks import STANDBY_LOCK, instance_locked
+from instances.mirror import PREPARE_STANDBY, StandbyError, mirror
 from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
-from instances.race import race_locked
-from instances.services import instance_event_add
-from instances.states import KEEPS_STANDBY, Status, transition
+from instances.relaunch import relaunch
+from instances.selectors import active_standby
+from instances.states import KEEPS_STANDBY, MACHINE_FIELDS_CLEARED, Status, standby_transition, transition
 from machines.clients import ACCOUNTLESS_PROVIDERS, provider_client
 from machines.keys import control_plane_key_path, control_plane_public_key
 from machines.models import ProviderAccount, SSHKey
 from machines.providers.base import STATUS_FAILED, STATUS_GONE, LaunchRequest, ProviderError
-from machines.ssh import SSHError, SSHSession, SSHTarget, connect, wait_for_ssh
+from machines.ssh import SSHError, SSHTarget, connect, wait_for_ssh
 
 log = logging.getLogger(__name__)
-STANDBY_LOCK = "instance-standby"
 Kind = InstanceEvent.Kind
-
-
-class StandbyError(Exception):
-    """A standby step failed (no account, rsync error, ...): an event, never a crash of the GPU instance."""
-
-
-# ---- reads -----------------------------------------------------------------------------------
-
-
-def active_standby(instance_id: int, *, ready: bool = False) -> StandbyMachine | None:
-    statuses = [StandbyMachine.Status.READY] if ready else list(StandbyMachine.ACTIVE)
-    return StandbyMachine.objects.filter(instance_id=instance_id, status__in=statuses).order_by("-id").first()
-
-
-def lag_seconds(standby: StandbyMachine | None, now: datetime | None = None) -> float | None:
-    """How old the mirror is: seconds since the last good sync started (None: never synced)."""
-    if standby is None or standby.last_sync_at is None:
-        return None
-    return round(((now or timezone.now()) - standby.last_sync_at).total_seconds(), 1)
-
-
-def standby_status(*, owner) -> list[dict]:
-    """Each of the owner's live GPU instances with its standby (`GET /api/v1/standby/status`)."""
-    now = timezone.now()
-    instances = Instance.objects.filter(owner=owner).exclude(status__in=[Status.DESTROYED, Status.FAILED])
-    latest: dict[int, StandbyMachine] = {}
-    for standby in StandbyMachine.objects.filter(instance__in=instances).order_by("instance_id", "-id"):
-        latest.setdefault(standby.instance_id, standby)
-    return [{"instance": i, "standby": latest.get(i.pk), "lag_seconds": lag_seconds(latest.get(i.pk), now)}
-            for i in instances.order_by("id")]
 
 
 # ---- the sweep ----------------------------------------------------------------------------------
 
 
 def standby_sweep(*, batch_size: int = 500) -> dict:
-    """Periodic (beat): provision missing standbys, start due syncs, destroy unwanted standbys, retry
-    automatic failbacks. Each task re-checks under its own lock; two sweeps at once do nothing twice."""
-    from instances import tasks
+    """Periodic (beat): which instances want a standby provisioned, a sync, their standby destroyed, an
+    automatic failback retried. Returns their ids; the task (instances.tasks.standby_sweep) enqueues the work,
+    each re-checked under its own lock, so two sweeps at once do nothing twice."""
 
     with advisory_lock("standby-sweep", 0) as acquired:
         if not acquired:
@@ -108,8 +75,6 @@ def standby_sweep(*, batch_size: int = 500) -> dict:
             .exclude(standbys__status__in=StandbyMachine.ACTIVE).exclude(pk__in=recently_failed)
             .order_by("id").values_list("id", flat=True)[:batch_size]
         )
-        for instance_id in wanting:
-            tasks.provision_standby.delay(instance_id)
         due = []
         for standby in (StandbyMachine.objects.filter(status=StandbyMachine.Status.READY,
                                                       instance__status=Status.RUNNING,
@@ -118,7 +83,6 @@ def standby_sweep(*, batch_size: int = 500) -> dict:
             interval = standby.instance.owner.standby_config.sync_interval_seconds
             if standby.last_sync_at is None or standby.last_sync_at <= now - timedelta(seconds=interval):
                 due.append(standby.instance_id)
-                tasks.sync_standby.delay(standby.instance_id)
         unwanted = list(
             StandbyMachine.objects.filter(status__in=StandbyMachine.ACTIVE)
             .filter(~Q(instance__status__in=sorted(KEEPS_STANDBY))
@@ -126,15 +90,11 @@ def standby_sweep(*, batch_size: int = 500) -> dict:
                         enabled=False).values("owner_id")))
             .order_by("id").values_list("instance_id", flat=True)[:batch_size]
         )
-        for instance_id in unwanted:
-            tasks.destroy_standby.delay(instance_id)
         failing_back = list(
             Instance.objects.filter(status=Status.FAILOVER, owner__standby_config__auto_recovery=True,
                                     status_changed_at__lte=retry_after)
             .order_by("id").values_list("id", flat=True)[:batch_size]
         )
-        for instance_id in failing_back:
-            tasks.failback_instance.delay(instance_id)
         return {"provisioning": wanting, "syncing": due, "destroying": unwanted, "failing_back": failing_back}
 
 
@@ -224,32 +184,23 @@ def _rent(standby: StandbyMachine, config: StandbyConfig) -> None:
     target = SSHTarget(machine.ssh_host, machine.ssh_port, machine.ssh_user or "root", machine.ssh_host_key)
     # the host key is pinned at first contact when the provider does not report it (as in the race)
     with wait_for_ssh(target, control_plane_key_path(), deadline) as session:
-        session.run(_PREPARE_STANDBY, timeout=600, check=True)
+        session.run(PREPARE_STANDBY, timeout=600, check=True)
         target = session.target
     standby.ssh_host, standby.ssh_port, standby.ssh_user, standby.ssh_host_key = (
         target.host, target.port, target.user, target.host_key)
     standby.status, standby.ready_at = StandbyMachine.Status.READY, timezone.now()
-    if not StandbyMachine.objects.filter(pk=standby.pk, status=StandbyMachine.Status.PROVISIONING).update(
-            ssh_host=target.host, ssh_port=target.port, ssh_user=target.user, ssh_host_key=target.host_key,
-            status=standby.status, ready_at=standby.ready_at):
+    if not standby_transition(standby.pk, StandbyMachine.Status.READY, expected=StandbyMachine.Status.PROVISIONING,
+                              ssh_host=target.host, ssh_port=target.port, ssh_user=target.user,
+                              ssh_host_key=target.host_key, ready_at=standby.ready_at):
         client.destroy(machine.instance_id)
         raise StandbyError("the standby is no longer wanted (its instance was destroyed meanwhile)")
-
-
-_INSTALL_RSYNC = ("command -v rsync >/dev/null 2>&1 || "
-                  "{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync openssh-client; }"
-                  " >/dev/null 2>&1; command -v rsync >/dev/null")
-_WORKSPACE = '"${DUMONT_WORKSPACE:-/workspace}"'
-_PREPARE_STANDBY = f"{_INSTALL_RSYNC} && mkdir -p {_WORKSPACE}"
 
 
 def _standby_failed(standby: StandbyMachine, reason: str) -> None:
     """Record the failure, destroy its machine if one was rented (reconcile retries a failed destroy)."""
     destroyed = _destroy_machine(standby)
-    StandbyMachine.objects.filter(pk=standby.pk).update(
-        status=StandbyMachine.Status.FAILED, error=reason[:2000],
-        destroyed_at=timezone.now() if destroyed else None,
-    )
+    standby_transition(standby.pk, StandbyMachine.Status.FAILED, error=reason[:2000],
+                       destroyed_at=timezone.now() if destroyed else None)
     log.warning("standby %s of instance %s: %s", standby.pk, standby.instance_id, reason)
     instance_event_add(instance=standby.instance, kind=Kind.STANDBY, message=reason,
                        data={"standby": standby.pk, "failed": True})
@@ -266,50 +217,7 @@ def _destroy_machine(standby: StandbyMachine) -> bool:
     return True
 
 
-# ---- the mirror -----------------------------------------------------------------------------------
-
-
-def _known_host(standby: StandbyMachine) -> str:
-    return f"{standby.ssh_target.known_hosts_name} {standby.ssh_host_key}"
-
-
-def rsync_script(standby: StandbyMachine, *, pull: bool) -> str:
-    """Shell run on the GPU machine: push its workspace to the standby, or (`pull`) the standby's back.
-
-    The mirror key and the standby's pinned host key come in the environment (over stdin, never argv).
-    """
-    target = standby.ssh_target
-    ssh = ("ssh -F /dev/null -i $d/key -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes "
-           f"-o UserKnownHostsFile=$d/known_hosts -o GlobalKnownHostsFile=/dev/null -o ConnectTimeout=15 "
-           f"-o ServerAliveInterval=15 -p {int(target.port)}")
-    remote_path = shlex.quote(f"mkdir -p {_WORKSPACE} && cd {_WORKSPACE} && rsync")
-    remote = shlex.quote(f"{target.user}@{target.host}:./")
-    source, destination = (remote, "./") if pull else ("./", remote)
-    return "\n".join([
-        "set -e",
-        'd="$HOME/.dumont/standby"',
-        'mkdir -p "$d" && chmod 700 "$d"',
-        "umask 077",
-        'printf "%s\\n" "$MIRROR_KEY" > "$d/key"',
-        'printf "%s\\n" "$MIRROR_KNOWN_HOST" > "$d/known_hosts"',
-        _INSTALL_RSYNC,
-        f"mkdir -p {_WORKSPACE} && cd {_WORKSPACE}",
-        f'rsync -a --delete --stats -e "{ssh}" --rsync-path={remote_path} {source} {destination}',
-    ])
-
-
-def mirror(session: SSHSession, standby: StandbyMachine, *, pull: bool = False) -> dict:
-    """Run one rsync on the GPU machine of `session`. Returns its figures; raises StandbyError."""
-    env = {"MIRROR_KEY": standby.mirror_private_key, "MIRROR_KNOWN_HOST": _known_host(standby)}
-    result = session.run(rsync_script(standby, pull=pull), env=env, timeout=settings.STANDBY_SYNC_TIMEOUT_SECONDS)
-    if not result.ok:
-        raise StandbyError(f"rsync exited {result.exit_code}: {result.stderr.strip()[-500:]}")
-    stats = {}
-    for line in result.stdout.splitlines():
-        name, _, value = line.partition(":")
-        if name in ("Number of files", "Number of regular files transferred", "Total transferred file size"):
-            stats[name.lower().replace(" ", "_")] = value.strip().split(" ")[0].replace(",", "")
-    return stats
+# ---- the mirror's sync -----------------------------------------------------------------------------
 
 
 def standby_sync_run(instance_id: int) -> str:
@@ -362,8 +270,7 @@ def _standby_lost(standby: StandbyMachine) -> bool:
 def failover_to(instance: Instance, standby: StandbyMachine, *, lost: dict, reason: str, detected_at: datetime,
                 last_heartbeat: datetime | None, drill: bool = False) -> None:
     """running -> failover: the standby's SSH endpoint is the instance's. The caller holds the lifecycle lock
-    and destroys the GPU machine afterwards."""
-    from instances import tasks
+    and destroys the GPU machine afterwards (an automatic failback is enqueued by instances.tasks)."""
 
     now = timezone.now()
     last_alive = last_heartbeat or detected_at
@@ -375,7 +282,6 @@ def failover_to(instance: Instance, standby: StandbyMachine, *, lost: dict, reas
         "failover_seconds": round((now - detected_at).total_seconds(), 3),
         "ssh": {"host": standby.ssh_host, "port": standby.ssh_port, "user": standby.ssh_user},
     }
-    config = StandbyConfig.objects.filter(owner=instance.owner_id).first()
     with transaction.atomic():
         transition(instance.pk, Status.FAILOVER, expected=Status.RUNNING,
                    message=f"failover ({reason}): work on the standby {standby.ssh_user}@{standby.ssh_host}:"
@@ -386,24 +292,6 @@ def failover_to(instance: Instance, standby: StandbyMachine, *, lost: dict, reas
                     f"as of {standby.last_sync_at:%H:%M:%S} UTC ({work_lost:.0f}s of work lost)",
             data=data,
         )
-        if config is not None and config.auto_recovery:
-            transaction.on_commit(lambda: tasks.failback_instance.delay(instance.pk))
-
-
-def instance_failover_request(*, instance: Instance) -> Instance:
-    """A failover drill: 409 unless running with a standby that has mirrored at least once."""
-    from instances import tasks
-
-    if instance.status != Status.RUNNING:
-        raise Conflict(f"Cannot fail over an instance that is {instance.status}.", code="invalid_state",
-                       data={"status": instance.status})
-    standby = active_standby(instance.pk, ready=True)
-    if standby is None or standby.last_sync_at is None:
-        raise Conflict("This instance has no standby with a mirror yet; enable standby and wait for its first sync.",
-                       code="no_standby")
-    instance_event_add(instance=instance, kind=Kind.STANDBY, message="failover requested (drill)")
-    transaction.on_commit(lambda: tasks.failover_instance.delay(instance.pk))
-    return instance
 
 
 def instance_failover_run(instance_id: int) -> str:
@@ -429,22 +317,9 @@ def instance_failover_run(instance_id: int) -> str:
         return "failover"
 
 
-def instance_failback_request(*, instance: Instance) -> Instance:
-    from instances import tasks
-
-    if instance.status != Status.FAILOVER:
-        raise Conflict(f"Cannot fail back an instance that is {instance.status}.", code="invalid_state",
-                       data={"status": instance.status})
-    with transaction.atomic():
-        instance = transition(instance.pk, Status.FAILBACK, expected=Status.FAILOVER, message="failback requested")
-        transaction.on_commit(lambda: tasks.failback_instance.delay(instance.pk))
-    return instance
-
-
 def instance_failback_run(instance_id: int) -> str:
-    """failback: race for a GPU, pull the standby's workspace onto it, agent, running; the mirror resumes."""
-    from instances import tasks
-
+    """failback: race for a GPU, pull the standby's workspace onto it, agent, running; the mirror resumes.
+    Without its standby: `recovering` (instances.tasks enqueues the recovery from the latest snapshot)."""
     with instance_locked(instance_id) as instance:
         if instance.status == Status.FAILOVER:  # automatic failback (auto_recovery)
             instance = transition(instance.pk, Status.FAILBACK, expected=Status.FAILOVER,
@@ -453,52 +328,20 @@ def instance_failback_run(instance_id: int) -> str:
             return "skipped"
         standby = active_standby(instance_id, ready=True)
         if standby is None:  # the standby died while the user worked on it: the latest snapshot is what is left
-            with transaction.atomic():
-                transition(instance.pk, Status.RECOVERING, expected=Status.FAILBACK,
-                           message="failback: the standby is gone; recovering from the latest snapshot",
-                           **MACHINE_FIELDS_CLEARED)
-                transaction.on_commit(lambda: tasks.recover_instance.delay(instance_id))
+            transition(instance.pk, Status.RECOVERING, expected=Status.FAILBACK,
+                       message="failback: the standby is gone; recovering from the latest snapshot",
+                       **MACHINE_FIELDS_CLEARED)
             return "recovering"
-        began = instance.status_changed_at
-        timings: dict[str, float] = {}
-        if not instance.provider_instance_id:
-            started = time.monotonic()
-            outcome = race_locked(instance.pk, avoid_hosts=_lost_hosts(instance))
-            timings["race"] = round(time.monotonic() - started, 3)
-            if outcome != "won":
-                return outcome  # back to failover: the user stays on the standby, the sweep retries
-            instance.refresh_from_db()
-        # a periodic sync cannot start (instance not running) but one may be finishing: wait for it
-        with advisory_lock(STANDBY_LOCK, instance_id, wait_seconds=settings.STANDBY_SYNC_TIMEOUT_SECONDS):
-            try:
-                with connect(instance.ssh_target, control_plane_key_path()) as session:
-                    started = time.monotonic()
-                    stats = mirror(session, standby, pull=True)
-                    timings["copy"] = round(time.monotonic() - started, 3)
-                    started = time.monotonic()
-                    agent_setup.agent_start(instance)
-                    timings["agent"] = round(time.monotonic() - started, 3)
-                    started, last_pass_at = time.monotonic(), timezone.now()
-                    mirror(session, standby, pull=True)  # what was written meanwhile
-                    timings["last_pass"] = round(time.monotonic() - started, 3)
-            except (SSHError, StandbyError) as exc:
-                provider_client(instance.provider, instance.provider_account).destroy(instance.provider_instance_id)
-                transition(instance.pk, Status.FAILOVER, expected=Status.FAILBACK,
-                           message=f"failback failed: copying the workspace back failed ({exc}); "
-                                   "still on the standby", **MACHINE_FIELDS_CLEARED)
-                return "copy-failed"
-            timings["total"] = round((timezone.now() - began).total_seconds(), 3)
-            transition(instance.pk, Status.RUNNING, expected=Status.FAILBACK,
-                       message=f"failed back to {instance.host_id} in {timings['total']:.1f}s",
-                       data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name,
-                             "timings": timings})
-            # the GPU now holds what the standby held at the last pass: that is the mirror's point
-            StandbyMachine.objects.filter(pk=standby.pk).update(last_sync_at=last_pass_at, last_sync_error="",
-                                                                syncs=standby.syncs + 1)
+        done = relaunch(instance.pk, expected=Status.FAILBACK, avoid_hosts=_lost_hosts(instance), source="mirror",
+                        standby=standby, running_message="failed back to {host} in {seconds:.1f}s",
+                        failed_message="failback failed: copying the workspace back failed ({error}); "
+                                       "still on the standby")
+        if done.outcome != "running":
+            return done.outcome  # back to failover: the user stays on the standby, the sweep retries
         instance_event_add(instance=instance, kind=Kind.STANDBY,
-                           message=f"failback done in {timings['total']:.1f}s: the standby's workspace is on the GPU "
-                                   "machine; mirroring resumes",
-                           data={"timings": timings, **stats})
+                           message=f"failback done in {done.timings['total']:.1f}s: the standby's workspace is on "
+                                   "the GPU machine; mirroring resumes",
+                           data={"timings": done.timings, **done.detail})
         return "running"
 
 
@@ -520,9 +363,9 @@ def standby_destroy(instance: Instance, *, reason: str) -> int:
     for standby in StandbyMachine.objects.filter(instance=instance, destroyed_at__isnull=True).order_by("id"):
         if standby.provider_instance_id:
             _client(standby).destroy(standby.provider_instance_id)
-        StandbyMachine.objects.filter(pk=standby.pk).update(
-            status=StandbyMachine.Status.DESTROYED if standby.status in StandbyMachine.ACTIVE else standby.status,
-            destroyed_at=timezone.now())
+        now = timezone.now()
+        if not standby_transition(standby.pk, StandbyMachine.Status.DESTROYED, destroyed_at=now):
+            StandbyMachine.objects.filter(pk=standby.pk).update(destroyed_at=now)  # failed already: it keeps that
         destroyed += 1
         instance_event_add(instance=instance, kind=Kind.STANDBY, message=f"standby destroyed ({reason})",
                            data={"standby": standby.pk})
@@ -543,13 +386,3 @@ def standby_destroy_run(instance_id: int) -> str:
         return "destroyed" if standby_destroy(instance, reason=f"instance {instance.status}") else "skipped"
 
 
-def standby_spend(instances, *, since: datetime, until: datetime) -> Decimal:
-    """Dollars the standbys of these instances cost in [since, until] (their $/h while rented)."""
-    total = Decimal(0)
-    for standby in StandbyMachine.objects.filter(instance__in=instances, price_per_hour__isnull=False).filter(
-            Q(destroyed_at__isnull=True) | Q(destroyed_at__gt=since)).exclude(provider_instance_id=""):
-        start = max(standby.created_at, since)
-        end = min(standby.destroyed_at or until, until)
-        if end > start:
-            total += standby.price_per_hour * Decimal(str((end - start).total_seconds())) / Decimal(3600)
-    return total

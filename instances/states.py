@@ -9,41 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import models, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from dumont.core.errors import Conflict
+from instances.choices import ACTIVE, HOLDS_MACHINE, KEEPS_STANDBY, TERMINAL, Status
+from instances.models import Instance, InstanceEvent, StandbyMachine
 
+__all__ = ["ACTIVE", "HOLDS_MACHINE", "KEEPS_STANDBY", "TERMINAL", "TRANSITIONS", "IllegalTransition", "Status",
+           "can_transition", "machine_assign", "transition", "MACHINE_FIELDS_CLEARED", "STANDBY_TRANSITIONS",
+           "standby_transition"]
 
-class Status(models.TextChoices):
-    PENDING = "pending"
-    LAUNCHING = "launching"
-    RUNNING = "running"
-    PAUSED = "paused"
-    HIBERNATING = "hibernating"
-    HIBERNATED = "hibernated"
-    WAKING = "waking"
-    FAILED = "failed"
-    DESTROYING = "destroying"
-    DESTROYED = "destroyed"
-    # a lost GPU machine (instances/lost.py): racing for a new one, then the latest snapshot restored
-    RECOVERING = "recovering"
-    # a lost GPU machine with a CPU standby (instances/standby.py): the user works on the standby...
-    FAILOVER = "failover"
-    # ...until a new GPU is raced for and the standby's workspace copied back to it
-    FAILBACK = "failback"
-
-
-# Terminal: nothing is rented and nothing will happen on its own. A failed instance can still be
-# destroyed by its owner (to release anything a provider may still hold), hence failed -> destroying.
-# Destroying an instance keeps its snapshots: they are deleted through the snapshots API.
-TERMINAL = frozenset({Status.FAILED, Status.DESTROYED})
-ACTIVE = frozenset(set(Status) - TERMINAL)
-# A provider machine is (or may be) rented in these states.
-HOLDS_MACHINE = frozenset({Status.LAUNCHING, Status.RUNNING, Status.PAUSED, Status.HIBERNATING, Status.WAKING,
-                           Status.RECOVERING, Status.FAILBACK})
-# A CPU standby may exist (or be wanted) in these states; in any other its machine is destroyed.
-KEEPS_STANDBY = frozenset({Status.RUNNING, Status.RECOVERING, Status.FAILOVER, Status.FAILBACK})
+# what an instance forgets when its machine goes (destroyed, hibernated, lost)
+MACHINE_FIELDS_CLEARED = {
+    "provider_instance_id": "", "host_id": "", "ssh_host": "", "ssh_port": None, "ssh_host_key": "",
+    "price_per_hour": None, "machine_started_at": None,
+}
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     Status.PENDING: frozenset({Status.LAUNCHING, Status.FAILED, Status.DESTROYING}),
@@ -75,6 +56,19 @@ def can_transition(current: str, target: str) -> bool:
     return target in TRANSITIONS.get(current, frozenset())
 
 
+def _locked(instance_id: int, expected: str | frozenset[str] | set[str] | None) -> Instance:
+    """The instance's row, locked for this transaction; IllegalTransition unless it is in `expected`."""
+    instance = Instance.objects.select_for_update().get(pk=instance_id)
+    if expected is not None:
+        allowed_from = {expected} if isinstance(expected, str) else set(expected)
+        if instance.status not in allowed_from:
+            raise IllegalTransition(
+                f"instance {instance_id} is {instance.status}, expected {' or '.join(sorted(allowed_from))}",
+                data={"status": instance.status},
+            )
+    return instance
+
+
 def transition(
     instance_id: int,
     target: str,
@@ -90,18 +84,9 @@ def transition(
     (a service that acts on a stale read must not act). `fields`: other columns set in the same
     save (e.g. the machine that won a race).
     """
-    from instances.models import Instance, InstanceEvent
-
     with transaction.atomic():
-        instance = Instance.objects.select_for_update().get(pk=instance_id)
+        instance = _locked(instance_id, expected)
         current = instance.status
-        if expected is not None:
-            allowed_from = {expected} if isinstance(expected, str) else set(expected)
-            if current not in allowed_from:
-                raise IllegalTransition(
-                    f"instance {instance_id} is {current}, expected {' or '.join(sorted(allowed_from))}",
-                    data={"status": current},
-                )
         if not can_transition(current, target):
             raise IllegalTransition(
                 f"instance {instance_id} cannot go from {current} to {target}", data={"status": current}
@@ -120,3 +105,32 @@ def transition(
             data={"from": current, "to": target, **(data or {})},
         )
     return instance
+
+
+def machine_assign(instance_id: int, *, expected: str, **machine: Any) -> Instance:
+    """Give an instance the machine its race won without changing its status (a wake, recovery or
+    failback brings the workspace first, then `transition`s to running). Guarded like `transition`:
+    refused unless the instance is still `expected`."""
+    with transaction.atomic():
+        instance = _locked(instance_id, expected)
+        for name, value in machine.items():
+            setattr(instance, name, value)
+        instance.save(update_fields=["updated_at", *machine])
+    return instance
+
+
+# A CPU standby (StandbyMachine) moves one way: provisioning -> ready, and either may fail or be destroyed.
+STANDBY_TRANSITIONS: dict[str, frozenset[str]] = {
+    StandbyMachine.Status.PROVISIONING: frozenset({StandbyMachine.Status.READY, StandbyMachine.Status.FAILED,
+                                                   StandbyMachine.Status.DESTROYED}),
+    StandbyMachine.Status.READY: frozenset({StandbyMachine.Status.FAILED, StandbyMachine.Status.DESTROYED}),
+}
+
+
+def standby_transition(standby_id: int, target: str, *, expected: str | None = None, **fields: Any) -> bool:
+    """The one way a standby's status changes: one conditional UPDATE, so it happens only from a status
+    that allows `target` (and is `expected`, when given). False when refused, e.g. a standby being made
+    ready that was destroyed meanwhile with its instance."""
+    allowed = [status for status, targets in STANDBY_TRANSITIONS.items() if target in targets
+               and (expected is None or status == expected)]
+    return bool(StandbyMachine.objects.filter(pk=standby_id, status__in=allowed).update(status=target, **fields))

@@ -1,12 +1,18 @@
 """Celery tasks of the instances app: thin, take ids only, idempotent (status checks under the
-instance's lifecycle lock), time limits below the broker's visibility timeout."""
+instance's lifecycle lock), time limits below the broker's visibility timeout.
+
+The only module that enqueues tasks of this app (besides services.py, for requests): the sweeps and
+reconcile return ids and the tasks here fan them out; a step that leads to another (a lost machine to
+its recovery or failback) returns its outcome and the task here enqueues what follows."""
 
 from celery import shared_task
 from django.conf import settings
 
 from instances import agent_setup, hibernation, lifecycle, lost, race, standby
 from instances import reconcile as reconcile_module
-from instances.models import Instance
+from instances.locks import Busy
+from instances.models import Instance, StandbyConfig
+from instances.states import Status
 from machines.providers.base import RetryableError
 
 # a race lasts at most rounds x batch timeout, plus the creates and destroys around it
@@ -14,7 +20,7 @@ RACE_TIME_LIMIT = int(settings.RACE_MAX_ROUNDS * settings.RACE_BATCH_TIMEOUT_SEC
                       + settings.RACE_MACHINE_TIMEOUT_SECONDS + 300)
 ACTION_TIME_LIMIT = int(settings.MACHINE_ACTION_TIMEOUT_SECONDS + settings.RACE_SSH_TIMEOUT_SECONDS + 120)
 RETRYING = {
-    "autoretry_for": (lifecycle.Busy, RetryableError),
+    "autoretry_for": (Busy, RetryableError),
     "retry_backoff": 2,
     "retry_backoff_max": 120,
     "max_retries": 30,
@@ -66,7 +72,12 @@ def wake_instance(instance_id: int) -> str:
 
 @shared_task(soft_time_limit=60, time_limit=90)
 def hibernation_sweep() -> dict:
-    return hibernation.hibernation_sweep()
+    found = hibernation.hibernation_sweep()
+    for instance_id in found.get("hibernating", ()):
+        hibernate_instance.delay(instance_id, "idle")
+    for instance_id in found.get("releasing", ()):
+        release_instance.delay(instance_id)
+    return found
 
 
 @shared_task(soft_time_limit=120, time_limit=150)
@@ -76,7 +87,14 @@ def record_agent_syncs() -> list[int]:
 
 @shared_task(soft_time_limit=300, time_limit=360)
 def reconcile() -> dict:
-    return reconcile_module.reconcile()
+    """Destroy unowned machines; re-enqueue the work whose worker died (each task resumes from the database)."""
+    found = reconcile_module.reconcile()
+    resume = {Status.PENDING: launch_race, Status.LAUNCHING: launch_race, Status.WAKING: wake_instance,
+              Status.DESTROYING: destroy_instance, Status.HIBERNATING: hibernate_instance,
+              Status.RECOVERING: recover_instance, Status.FAILBACK: failback_instance}
+    for instance_id, status in found.pop("resume", []):
+        resume[status].delay(instance_id)
+    return found
 
 
 # ---- lost machines, recovery, standby ------------------------------------------------------------
@@ -84,12 +102,29 @@ def reconcile() -> dict:
 
 @shared_task(soft_time_limit=60, time_limit=90)
 def lost_machine_sweep() -> dict:
-    return lost.lost_machine_sweep()
+    found = lost.lost_machine_sweep()
+    for instance_id in found.get("checking", ()):
+        check_machine.delay(instance_id)
+    return found
+
+
+def _after_a_loss(instance_id: int) -> None:
+    """What follows a lost machine, a failover or a failback without its standby, once that step has
+    committed: the recovery from the latest snapshot, or the automatic failback (auto_recovery)."""
+    instance = Instance.objects.get(pk=instance_id)
+    if instance.status == Status.RECOVERING:
+        recover_instance.delay(instance_id)
+    elif instance.status == Status.FAILOVER and StandbyConfig.objects.filter(
+            owner_id=instance.owner_id, auto_recovery=True).exists():
+        failback_instance.delay(instance_id)
 
 
 @shared_task(soft_time_limit=ACTION_TIME_LIMIT, time_limit=ACTION_TIME_LIMIT + 60)
 def check_machine(instance_id: int) -> str:
-    return lost.machine_check_run(instance_id)
+    outcome = lost.machine_check_run(instance_id)
+    if outcome == "lost":
+        _after_a_loss(instance_id)
+    return outcome
 
 
 @shared_task(soft_time_limit=RACE_TIME_LIMIT + SNAPSHOT_TIME_LIMIT, time_limit=RACE_TIME_LIMIT + SNAPSHOT_TIME_LIMIT + 60,
@@ -100,7 +135,12 @@ def recover_instance(instance_id: int) -> str:
 
 @shared_task(soft_time_limit=60, time_limit=90)
 def standby_sweep() -> dict:
-    return standby.standby_sweep()
+    found = standby.standby_sweep()
+    for name, task in (("provisioning", provision_standby), ("syncing", sync_standby),
+                       ("destroying", destroy_standby), ("failing_back", failback_instance)):
+        for instance_id in found.get(name, ()):
+            task.delay(instance_id)
+    return found
 
 
 STANDBY_TIME_LIMIT = int(settings.STANDBY_BOOT_TIMEOUT_SECONDS + settings.STANDBY_SYNC_TIMEOUT_SECONDS + 300)
@@ -124,10 +164,16 @@ def destroy_standby(instance_id: int) -> str:
 
 @shared_task(soft_time_limit=STANDBY_TIME_LIMIT, time_limit=STANDBY_TIME_LIMIT + 60, **RETRYING)
 def failover_instance(instance_id: int) -> str:
-    return standby.instance_failover_run(instance_id)
+    outcome = standby.instance_failover_run(instance_id)
+    if outcome == "failover":
+        _after_a_loss(instance_id)
+    return outcome
 
 
 @shared_task(soft_time_limit=RACE_TIME_LIMIT + STANDBY_TIME_LIMIT, time_limit=RACE_TIME_LIMIT + STANDBY_TIME_LIMIT + 60,
              **RETRYING)
 def failback_instance(instance_id: int) -> str:
-    return standby.instance_failback_run(instance_id)
+    outcome = standby.instance_failback_run(instance_id)
+    if outcome == "recovering":
+        _after_a_loss(instance_id)
+    return outcome

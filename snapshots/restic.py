@@ -303,6 +303,21 @@ def _progress(message: dict) -> Progress:
     )
 
 
+def backup_args(repository: Repository, tuning: Tuning, *, host: str, tags: Sequence[str], parent_id: str = "",
+                after_restore: bool = False) -> list[str]:
+    """restic's arguments for a backup of the workspace (the current directory, as `.`): the one builder, for
+    a snapshot over SSH (`backup`) and for the agent's periodic sync (snapshots.services.sync_config).
+    Without `parent_id` restic picks the previous snapshot of the same host and path as the parent."""
+    args = [*tuning.global_args(repository), "backup", "--json", "--host", host]
+    for tag in tags:
+        args += ["--tag", tag]
+    if parent_id:
+        args += ["--parent", parent_id]
+        if after_restore:
+            args += ["--ignore-inode", "--ignore-ctime"]
+    return [*args, "."]
+
+
 def backup(
     run: Runner,
     repository: Repository,
@@ -323,15 +338,7 @@ def backup(
     Counts only when restic exited 0, printed its summary with a snapshot id, and that snapshot is
     listed in the repository. Anything else raises ResticError (exit 3: the snapshot is incomplete).
     """
-    args = [*tuning.global_args(repository), "backup", "--json", "--host", host]
-    for tag in tags:
-        args += ["--tag", tag]
-    if parent_id:
-        args += ["--parent", parent_id]
-        if after_restore:
-            args += ["--ignore-inode", "--ignore-ctime"]
-    args.append(".")
-
+    args = backup_args(repository, tuning, host=host, tags=tags, parent_id=parent_id, after_restore=after_restore)
     summary: dict = {}
 
     def on_line(line: str) -> None:

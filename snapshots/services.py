@@ -541,8 +541,8 @@ def sync_config(*, owner, instance_id: int) -> tuple[str, dict[str, str], float 
     credentials, expires_at = sync_credentials(owner=owner)
     machine_repository = restic.Repository(storage.repository_url(repository.prefix), repository.password,
                                            credentials, settings.SNAPSHOT_S3_REGION)
-    args = [*tuning().global_args(machine_repository), "backup", "--json", "--host", f"instance-{instance_id}",
-            "--tag", f"instance-{instance_id}", "--tag", Snapshot.Reason.PERIODIC, "."]
+    args = restic.backup_args(machine_repository, tuning(), host=f"instance-{instance_id}",
+                              tags=(f"instance-{instance_id}", Snapshot.Reason.PERIODIC))
     command = ('cd "${DUMONT_WORKSPACE:-/workspace}" && exec "' + restic.REMOTE_BIN_DIR + '/restic" '
                + " ".join(shlex.quote(a) for a in args))
     return command, machine_repository.env(), expires_at

@@ -1,7 +1,7 @@
 """`snapshot_event`: progress and outcome of snapshots and restores, for whoever keeps an event feed.
 
 Sent with `instance_id`, `kind` ("snapshot" or "restore"), `message` and `data` (never a secret).
-The instances app turns them into InstanceEvents (wired in snapshots/apps.py for now).
+The instances app turns them into InstanceEvents (instances/events.py, wired in instances/apps.py).
 """
 
 from __future__ import annotations

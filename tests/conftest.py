@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import redis
 from django.conf import settings
@@ -5,6 +7,30 @@ from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import RefreshToken
 
 from tests.factories import make_user
+
+
+def redis_per_xdist_worker() -> None:
+    """Each xdist worker (gwN) gets its own Redis database (N+1) and key prefix, so the suite runs in parallel
+    with nothing shared. Applied when this conftest loads (Django is set up, no Redis connection made yet);
+    the worker's, beat's and web server's subprocesses inherit them through `dumont.processes.subprocess_env`."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return
+    from dumont.celery import app
+
+    url = settings.REDIS_URL.rsplit("/", 1)[0] + f"/{1 + int(worker[2:]) % 15}"
+    prefix = f"{settings.REDIS_KEY_PREFIX}-{worker}"
+    broker_options = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "global_keyprefix": f"{prefix}:"}
+    result_options = {**settings.CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS, "global_keyprefix": f"{prefix}:"}
+    settings.REDIS_URL = settings.CELERY_BROKER_URL = settings.CELERY_RESULT_BACKEND = url
+    settings.REDIS_KEY_PREFIX = prefix
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = broker_options
+    settings.CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = result_options
+    app.conf.update(broker_url=url, result_backend=url, broker_transport_options=broker_options,
+                    result_backend_transport_options=result_options)
+
+
+redis_per_xdist_worker()
 
 
 @pytest.fixture(scope="session", autouse=True)

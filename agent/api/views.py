@@ -20,15 +20,13 @@ from django.views.decorators.http import require_GET, require_POST
 
 from agent import services
 from agent.api.payload import heartbeat_parse
-from agent.auth import AuthFailed, authenticate
+from agent.auth import authenticate
 from agent.conf import settings
-from dumont.core.errors import InvalidInput
+from dumont.core.errors import DomainError, ServiceUnavailable
 
-# One answer for every authentication failure: which check failed would help an attacker.
-UNAUTHORIZED = (401, {"error": "not_authenticated", "detail": "Authentication failed."})
 TOO_LARGE = (413, {"error": "too_large", "detail": "The heartbeat is too large."})
-# not accepted: the agent retries with backoff rather than lose the heartbeat silently
-UNAVAILABLE = (503, {"error": "unavailable", "detail": "Try again later."})
+# Redis down, not accepted: the agent retries with backoff rather than lose the heartbeat silently
+UNAVAILABLE = (ServiceUnavailable.http_status, ServiceUnavailable().body())
 
 
 def status_answer(meta: dict[str, Any], read_body: Callable[[], bytes]) -> tuple[int, dict[str, Any]]:
@@ -45,10 +43,8 @@ def status_answer(meta: dict[str, Any], read_body: Callable[[], bytes]) -> tuple
         agent = authenticate(meta, body)
         heartbeat = heartbeat_parse(body)
         return 200, services.heartbeat_record(agent=agent, heartbeat=heartbeat, received_at=received_at)
-    except (AuthFailed, services.Replay):
-        return UNAUTHORIZED
-    except InvalidInput as exc:
-        return 400, {"error": exc.code, "detail": exc.detail, **exc.data}
+    except DomainError as exc:  # failed authentication or a replay (401), bad input (400)
+        return exc.http_status, exc.body()
     except redis.RedisError:
         return UNAVAILABLE
 
@@ -70,10 +66,9 @@ def sync_credentials(request: HttpRequest) -> JsonResponse:
     try:
         agent = authenticate(request.META, request.body)
         answer = services.sync_credentials_issue(agent=agent)
-    except (AuthFailed, services.Replay):
-        status, answer = UNAUTHORIZED
-        return JsonResponse(answer, status=status)
-    except (redis.RedisError, services.Unavailable):
+    except DomainError as exc:  # failed authentication or a replay (401), no keys now (503)
+        return JsonResponse(exc.body(), status=exc.http_status)
+    except redis.RedisError:
         status, answer = UNAVAILABLE
         return JsonResponse(answer, status=status)
     return JsonResponse(answer)

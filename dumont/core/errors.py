@@ -23,13 +23,19 @@ logger = logging.getLogger(__name__)
 class DomainError(Exception):
     code = "error"
     http_status = status.HTTP_400_BAD_REQUEST
+    default_detail = "Bad request."
 
-    def __init__(self, detail: str, *, code: str | None = None, data: dict[str, Any] | None = None):
+    def __init__(self, detail: str | None = None, *, code: str | None = None, data: dict[str, Any] | None = None):
+        detail = detail or self.default_detail
         super().__init__(detail)
         self.detail = detail
         if code:
             self.code = code
         self.data = data or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON answer: `{"error": code, "detail": message, **data}` (DRF views and the agent's plain ones)."""
+        return _body(self.code, self.detail, **self.data)
 
 
 class InvalidInput(DomainError):
@@ -51,6 +57,15 @@ class Conflict(DomainError):
 class ServiceUnavailable(DomainError):
     code = "unavailable"
     http_status = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "Try again later."
+
+
+class NotAuthenticated(DomainError):
+    """One answer for every authentication failure: which check failed would help an attacker."""
+
+    code = "not_authenticated"
+    http_status = status.HTTP_401_UNAUTHORIZED
+    default_detail = "Authentication failed."
 
 
 def _flatten(detail: Any) -> str:
@@ -67,7 +82,7 @@ def _body(code: str, detail: str, **extra: Any) -> dict[str, Any]:
 
 def api_exception_handler(exc: Exception, context: dict) -> Response:
     if isinstance(exc, DomainError):
-        return Response(_body(exc.code, exc.detail, **exc.data), status=exc.http_status)
+        return Response(exc.body(), status=exc.http_status)
     if isinstance(exc, DjangoValidationError):
         exc = drf_exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
     if isinstance(exc, Http404):

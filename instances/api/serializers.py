@@ -222,3 +222,7 @@ class WakeSerializer(serializers.Serializer):
 
 class KeepAwakeSerializer(serializers.Serializer):
     minutes = serializers.IntegerField(min_value=0, max_value=7 * 24 * 60)
+
+
+class InstanceRestoreSerializer(serializers.Serializer):
+    snapshot = serializers.IntegerField(min_value=1, help_text="A verified snapshot of yours (of any instance).")

@@ -5,6 +5,7 @@ from instances.api import views
 
 router = Router()
 router.register("instances", views.InstanceViewSet, basename="instance")
+router.register("snapshots", views.SnapshotViewSet, basename="snapshot")
 
 urlpatterns = [
     path("metrics", views.MetricsView.as_view(), name="metrics"),

@@ -4,13 +4,14 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from instances import metrics, selectors, services, standby
+from instances import metrics, selectors, services
 from instances.api.serializers import (
     DaysSerializer,
     EventQuerySerializer,
     InstanceCreateSerializer,
     InstanceDetailSerializer,
     InstanceEventSerializer,
+    InstanceRestoreSerializer,
     InstanceSerializer,
     KeepAwakeSerializer,
     MetricsSerializer,
@@ -20,6 +21,14 @@ from instances.api.serializers import (
     WakeSerializer,
 )
 from instances.filters import InstanceFilter
+from snapshots import selectors as snapshot_selectors
+from snapshots.api import views as snapshot_views
+from snapshots.api.serializers import (
+    SnapshotCreateSerializer,
+    SnapshotRestoreRequestSerializer,
+    SnapshotRestoreSerializer,
+    SnapshotSerializer,
+)
 
 
 class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -81,15 +90,34 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def failover(self, request, pk=None):
         """A failover drill: one last mirror sync, then the instance works on its CPU standby (its GPU
         machine is destroyed). 409 without a standby that has mirrored at least once."""
-        instance = standby.instance_failover_request(instance=self.get_object())
+        instance = services.instance_failover_request(instance=self.get_object())
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: InstanceSerializer})
     @action(detail=True, methods=["post"])
     def failback(self, request, pk=None):
         """From `failover`: race for a GPU, copy the standby's workspace to it, switch back."""
-        instance = standby.instance_failback_request(instance=self.get_object())
+        instance = services.instance_failback_request(instance=self.get_object())
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: SnapshotSerializer})
+    @action(detail=True, methods=["post"])
+    def snapshots(self, request, pk=None):
+        """Snapshot this running instance now; follow it in /snapshots/{id} (status, progress) or in its events."""
+        instance = selectors.instance_of(user=request.user, instance_id=int(pk))
+        snapshot = services.instance_snapshot_request(instance=instance)
+        return Response(SnapshotSerializer(snapshot).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=InstanceRestoreSerializer, responses={202: SnapshotRestoreSerializer})
+    @action(detail=True, methods=["post"])
+    def restore(self, request, pk=None):
+        """Restore one of your snapshots into this running instance's workspace (files not in it stay)."""
+        body = InstanceRestoreSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        snapshot = snapshot_selectors.snapshot_of(user=request.user, snapshot_id=body.validated_data["snapshot"])
+        instance = selectors.instance_of(user=request.user, instance_id=int(pk))
+        restore = services.instance_restore_request(instance=instance, snapshot=snapshot)
+        return Response(SnapshotRestoreSerializer(restore).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=KeepAwakeSerializer, responses=InstanceSerializer)
     @action(detail=True, methods=["post"], url_path="keep-awake")
@@ -110,6 +138,32 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             limit=params.validated_data["limit"],
         )
         return Response(InstanceEventSerializer(events, many=True).data)
+
+
+class SnapshotViewSet(snapshot_views.SnapshotViewSet):
+    """/snapshots: the snapshots app's list, read and delete, plus the older write routes, kept for clients:
+    `POST /snapshots {"instance"}` = `POST /instances/{id}/snapshots`, `POST /snapshots/{id}/restore
+    {"instance"}` = `POST /instances/{instance}/restore {"snapshot": id}`."""
+
+    @extend_schema(request=SnapshotCreateSerializer, responses={202: SnapshotSerializer})
+    def create(self, request):
+        """Snapshot a running instance now (the same as `POST /instances/{id}/snapshots`)."""
+        body = SnapshotCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        instance = selectors.instance_of(user=request.user, instance_id=body.validated_data["instance"])
+        snapshot = services.instance_snapshot_request(instance=instance)
+        return Response(SnapshotSerializer(snapshot).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=SnapshotRestoreRequestSerializer, responses={202: SnapshotRestoreSerializer})
+    @action(detail=True, methods=["post"])
+    def restore(self, request, pk=None):
+        """Restore this snapshot into a running instance (the same as `POST /instances/{id}/restore`)."""
+        snapshot = snapshot_selectors.snapshot_of(user=request.user, snapshot_id=int(pk))
+        body = SnapshotRestoreRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        instance = selectors.instance_of(user=request.user, instance_id=body.validated_data["instance"])
+        restore = services.instance_restore_request(instance=instance, snapshot=snapshot)
+        return Response(SnapshotRestoreSerializer(restore).data, status=status.HTTP_202_ACCEPTED)
 
 
 class MetricsView(APIView):
@@ -152,4 +206,4 @@ class StandbyStatusView(APIView):
     def get(self, request):
         config = selectors.standby_config_of(request.user)
         return Response(StandbyStatusSerializer({"enabled": config.enabled,
-                                                 "instances": standby.standby_status(owner=request.user)}).data)
+                                                 "instances": selectors.standby_status(owner=request.user)}).data)

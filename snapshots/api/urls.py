@@ -2,6 +2,6 @@ from dumont.core.routers import Router
 from snapshots.api import views
 
 router = Router()
-router.register("snapshots", views.SnapshotViewSet, basename="snapshot")
+# /snapshots itself is routed by instances.api.urls: its write routes need an instance (see views.py)
 router.register("snapshot-restores", views.SnapshotRestoreViewSet, basename="snapshot-restore")
 urlpatterns = router.urls

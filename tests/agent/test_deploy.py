@@ -12,8 +12,8 @@ import pytest
 from agent import selectors
 from agent.deploy import agent_deploy
 from agent.services import agent_credential_issue
+from dumont.bench.marketplace import running_marketplace
 from machines.providers.base import LaunchRequest, OfferQuery
-from machines.providers.local.testing import running_marketplace
 from machines.ssh import SSHTarget, connect, generate_keypair
 from tests.factories import make_instance, make_user
 from tests.harness import wait_until

@@ -1,3 +1,4 @@
+import pytest
 from django.conf import settings
 
 from dumont.celery import app
@@ -46,3 +47,22 @@ def test_beat_schedule_is_defined_in_code_with_expiry():
     assert entry["task"] == "agent.tasks.prune_heartbeats"
     assert entry["options"]["expires"] == settings.HEARTBEAT_PRUNE_INTERVAL_SECONDS
     assert entry["task"] in app.tasks
+
+
+def test_each_xdist_worker_has_its_own_redis_database_and_key_prefix_and_so_do_its_subprocesses():
+    """tests/conftest.py splits Redis per xdist worker; the e2e stack's worker/beat/web get the same split."""
+    import os
+
+    from dumont.celery import app
+    from dumont.processes import subprocess_env
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        pytest.skip("runs under pytest-xdist (make test)")
+    database = f"/{1 + int(worker[2:]) % 15}"
+    assert settings.REDIS_URL.endswith(database) and settings.REDIS_KEY_PREFIX.endswith(f"-{worker}")
+    assert app.conf.broker_url == settings.REDIS_URL == app.conf.result_backend
+    assert app.conf.broker_transport_options["global_keyprefix"] == f"{settings.REDIS_KEY_PREFIX}:"
+    env = subprocess_env()
+    assert env["REDIS_URL"] == settings.REDIS_URL and env["REDIS_KEY_PREFIX"] == settings.REDIS_KEY_PREFIX
+    assert "PYTEST_XDIST_WORKER" not in env  # the subprocess takes them as they are, not split again

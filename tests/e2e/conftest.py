@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from django.test import override_settings
 
+from dumont.bench.marketplace import MarketplaceHandle, running_marketplace
 from dumont.s3server import Credentials, start_s3_server
-from machines.providers.local.testing import MarketplaceHandle, running_marketplace
 from tests.harness import celery_beat, celery_worker, free_port, subprocess_env, web_server
 
 CATALOGUES = Path(__file__).parent / "catalogues"

@@ -11,7 +11,7 @@ from django.test import override_settings
 
 from agent import selectors as agent_selectors
 from instances.models import Instance, InstanceEvent
-from instances.reconcile import reconcile
+from instances.tasks import reconcile
 from snapshots.models import Snapshot
 from tests.e2e.conftest import CATALOGUES
 from tests.e2e.test_race import wait_for_status

@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from instances.models import Instance
-from instances.reconcile import reconcile
+from instances.tasks import reconcile
 from machines.models import MachineAttempt
 from machines.providers.base import LaunchRequest, OfferQuery
 from tests.e2e.conftest import CATALOGUES

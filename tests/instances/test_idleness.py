@@ -6,8 +6,8 @@ import pytest
 from django.utils import timezone as django_timezone
 
 from agent.models import Heartbeat
-from instances.hibernation import instances_idle, instances_to_release, is_idle
 from instances.models import Instance
+from instances.selectors import instances_idle, instances_to_release, is_idle
 from tests.factories import make_instance
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)

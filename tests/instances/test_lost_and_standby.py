@@ -9,7 +9,7 @@ from django.db import connection
 from django.utils import timezone
 
 from agent.models import Heartbeat
-from instances import lost, metrics, standby
+from instances import lost, metrics, selectors, standby
 from instances.models import Instance, StandbyConfig, StandbyMachine
 from instances.reconcile import machine_is_owned
 from instances.states import Status, transition
@@ -41,10 +41,10 @@ def test_only_instances_silent_past_the_threshold_are_checked(user, settings):
     fresh = _running(user, started_ago=30)  # just started: its agent has had no time yet
     paused = _running(user)
     Instance.objects.filter(pk=paused.pk).update(status="paused")  # a stopped machine sends nothing, rightly
-    assert sorted(lost.instances_silent()) == sorted([silent.pk, never.pk])
+    assert sorted(selectors.instances_silent()) == sorted([silent.pk, never.pk])
     settings.LOST_MACHINE_SECONDS = 40
-    assert late.pk in lost.instances_silent()
-    assert fresh.pk not in lost.instances_silent()
+    assert late.pk in selectors.instances_silent()
+    assert fresh.pk not in selectors.instances_silent()
 
 
 def test_a_check_that_sees_a_heartbeat_again_does_nothing(user, settings):
@@ -186,9 +186,9 @@ def test_standby_spend_counts_each_standby_while_it_was_rented(user):
     row = _standby(instance, price_per_hour=Decimal("0.04"))
     StandbyMachine.objects.filter(pk=row.pk).update(created_at=now - timedelta(hours=10),
                                                     destroyed_at=now - timedelta(hours=4))
-    assert standby.standby_spend([instance], since=now - timedelta(days=1), until=now) == Decimal("0.24")
+    assert selectors.standby_spend([instance], since=now - timedelta(days=1), until=now) == Decimal("0.24")
     # a window that cuts the period counts only its part
-    assert standby.standby_spend([instance], since=now - timedelta(hours=5), until=now) == Decimal("0.04")
+    assert selectors.standby_spend([instance], since=now - timedelta(hours=5), until=now) == Decimal("0.04")
     report = metrics.fleet_metrics(user=user, days=1, now=now)
     assert Decimal(report["spend"]["standby"]) == Decimal("0.240000")
     assert report["spend"]["total"] >= report["spend"]["standby"]
@@ -224,7 +224,7 @@ def test_the_standby_sweep_provisions_syncs_destroys_and_retries_what_it_should(
     _standby(on_standby, last_sync_at=now)
     Instance.objects.filter(pk=on_standby.pk).update(status_changed_at=now - timedelta(minutes=6))
 
-    result = standby.standby_sweep()
+    result = tasks.standby_sweep()
     assert sorted(result["provisioning"]) == sorted([bare.pk, failed_long_ago.pk])
     assert result["syncing"] == [due.pk]
     assert sorted(result["destroying"]) == sorted([hibernated.pk, disabled.pk])

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 
+from dumont.bench.marketplace import MarketplaceHandle, processes_under, running_marketplace
 from machines.providers.base import (
     STATUS_CREATING,
     STATUS_FAILED,
@@ -30,7 +31,6 @@ from machines.providers.base import (
 )
 from machines.providers.local import LocalProvider
 from machines.providers.local.cli import main as marketplace_main
-from machines.providers.local.testing import MarketplaceHandle, processes_under, running_marketplace
 from machines.ssh import SSHConnectError, SSHTarget, connect, generate_keypair, wait_for_ssh
 
 FAST_HOST = "10001"  # fast-4090-us: boots in ~0.08 s at time_scale 0.01

@@ -4,9 +4,9 @@ from decimal import Decimal
 
 import pytest
 
+from dumont.bench.marketplace import running_marketplace
 from machines import reliability
 from machines.models import ProviderAccount
-from machines.providers.local.testing import running_marketplace
 
 pytestmark = pytest.mark.django_db
 

@@ -1,4 +1,8 @@
-"""The snapshot routes: 202s with a queued task, 404 for anyone else's objects, 409 naming a status."""
+"""The snapshot routes: 202s with a queued task, 404 for anyone else's objects, 409 naming a status.
+
+Taking and restoring a snapshot are instance routes (`POST /instances/{id}/snapshots`, `POST
+/instances/{id}/restore`); the older `POST /snapshots` and `POST /snapshots/{id}/restore` stay as aliases:
+both are tested (`route`)."""
 
 from __future__ import annotations
 
@@ -24,6 +28,21 @@ def _finished_snapshot(owner, instance, *, status: str = Snapshot.Status.VERIFIE
                                    ssh_host="127.0.0.1", ssh_port=22, ssh_host_key="ssh-ed25519 AAAA")
 
 
+ROUTES = pytest.mark.parametrize("route", ["instance", "alias"])
+
+
+def _take(api, instance_id: int, route: str):
+    if route == "instance":
+        return api.post(f"/api/v1/instances/{instance_id}/snapshots", format="json")
+    return api.post("/api/v1/snapshots", {"instance": instance_id}, format="json")
+
+
+def _restore(api, snapshot_id: int, instance_id: int, route: str):
+    if route == "instance":
+        return api.post(f"/api/v1/instances/{instance_id}/restore", {"snapshot": snapshot_id}, format="json")
+    return api.post(f"/api/v1/snapshots/{snapshot_id}/restore", {"instance": instance_id}, format="json")
+
+
 @pytest.fixture(scope="module")
 def source(machines):
     machine = machines.start()
@@ -31,10 +50,11 @@ def source(machines):
     return machine
 
 
-def test_snapshot_then_restore_through_the_api(user, api, source, machines, django_capture_on_commit_callbacks):
+@ROUTES
+def test_snapshot_then_restore_through_the_api(user, api, source, machines, django_capture_on_commit_callbacks, route):
     instance = _instance_on(user, source)
     with django_capture_on_commit_callbacks() as queued:
-        response = api.post("/api/v1/snapshots", {"instance": instance.pk}, format="json")
+        response = _take(api, instance.pk, route)
     assert response.status_code == 202, response.json()
     body = response.json()
     assert body["status"] == "pending" and body["instance"] == instance.pk and body["verified"] is False
@@ -60,7 +80,7 @@ def test_snapshot_then_restore_through_the_api(user, api, source, machines, djan
     target_machine = machines.start()
     target = _instance_on(user, target_machine)
     with django_capture_on_commit_callbacks() as queued:
-        response = api.post(f"/api/v1/snapshots/{body['id']}/restore", {"instance": target.pk}, format="json")
+        response = _restore(api, body["id"], target.pk, route)
     assert response.status_code == 202, response.json()
     restore = response.json()
     assert restore["status"] == "pending" and restore["snapshot"] == body["id"] and len(queued) == 1
@@ -73,31 +93,33 @@ def test_snapshot_then_restore_through_the_api(user, api, source, machines, djan
     assert InstanceEvent.objects.filter(instance=target, kind="restore").count() == 3  # requested, started, done
 
 
-def test_anyone_elses_instance_or_snapshot_is_a_404(user, api, other_user, other_api, source):
+@ROUTES
+def test_anyone_elses_instance_or_snapshot_is_a_404(user, api, other_user, other_api, source, route):
     mine = _instance_on(user, source)
     snapshot = _finished_snapshot(user, mine)
     theirs = _instance_on(other_user, source)
 
-    assert other_api.post("/api/v1/snapshots", {"instance": mine.pk}, format="json").status_code == 404
+    assert _take(other_api, mine.pk, route).status_code == 404
     assert other_api.get(f"/api/v1/snapshots/{snapshot.pk}").status_code == 404
     assert other_api.delete(f"/api/v1/snapshots/{snapshot.pk}").status_code == 404
-    restore = other_api.post(f"/api/v1/snapshots/{snapshot.pk}/restore", {"instance": theirs.pk}, format="json")
+    restore = _restore(other_api, snapshot.pk, theirs.pk, route)
     assert restore.status_code == 404
-    onto_theirs = api.post(f"/api/v1/snapshots/{snapshot.pk}/restore", {"instance": theirs.pk}, format="json")
+    onto_theirs = _restore(api, snapshot.pk, theirs.pk, route)
     assert onto_theirs.status_code == 404 and onto_theirs.json()["error"] == "not_found"
     assert other_api.get("/api/v1/snapshots").json()["count"] == 0
     assert Snapshot.objects.get(pk=snapshot.pk).status == Snapshot.Status.VERIFIED
     assert not SnapshotRestore.objects.exists()
 
 
-def test_an_instance_that_is_not_running_is_a_409_naming_its_status(user, api, source):
+@ROUTES
+def test_an_instance_that_is_not_running_is_a_409_naming_its_status(user, api, source, route):
     hibernated = _instance_on(user, source, status="hibernated")
     snapshot = _finished_snapshot(user, _instance_on(user, source))
 
-    response = api.post("/api/v1/snapshots", {"instance": hibernated.pk}, format="json")
+    response = _take(api, hibernated.pk, route)
     assert response.status_code == 409
     assert response.json()["status"] == "hibernated" and "hibernated" in response.json()["detail"]
-    response = api.post(f"/api/v1/snapshots/{snapshot.pk}/restore", {"instance": hibernated.pk}, format="json")
+    response = _restore(api, snapshot.pk, hibernated.pk, route)
     assert response.status_code == 409 and response.json()["status"] == "hibernated"
     assert not Snapshot.objects.filter(instance=hibernated).exists()
 
@@ -127,7 +149,11 @@ def test_delete_hides_a_finished_snapshot_at_once(user, api, source, django_capt
     assert Snapshot.objects.get(pk=snapshot.pk).status == Snapshot.Status.DELETED
 
 
-def test_bad_input_is_a_400_naming_the_field_and_no_token_is_a_401(api, client):
+def test_bad_input_is_a_400_naming_the_field_and_no_token_is_a_401(user, api, client, source):
     response = api.post("/api/v1/snapshots", {"instance": "x"}, format="json")
     assert response.status_code == 400 and "instance" in response.json()["fields"]
+    instance = _instance_on(user, source)
+    response = api.post(f"/api/v1/instances/{instance.pk}/restore", {"snapshot": "x"}, format="json")
+    assert response.status_code == 400 and "snapshot" in response.json()["fields"]
     assert client.get("/api/v1/snapshots").status_code == 401
+    assert client.post(f"/api/v1/instances/{instance.pk}/snapshots").status_code == 401

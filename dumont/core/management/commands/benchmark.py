@@ -1,25 +1,23 @@
 """`python manage.py benchmark <name> [options]`: measure, print figures and ratios. Never a test.
 
-Each app that has benchmarks exposes `BENCHMARKS = {"name": Benchmark subclass}` in `<app>/benchmarks.py`;
-a benchmark declares its own options (`add_arguments`) and prints its figures (`run`).
+The benchmarks live outside the product apps, in `dumont/bench/`: each module there that has benchmarks
+exposes `BENCHMARKS = {"name": Benchmark subclass}`; a benchmark declares its own options (`add_arguments`)
+and prints its figures (`run`).
 """
 
 import importlib
+import pkgutil
 
-from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError
+
+from dumont import bench
 
 
 def discover() -> dict:
     found = {}
-    for config in apps.get_app_configs():
-        try:
-            module = importlib.import_module(f"{config.name}.benchmarks")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{config.name}.benchmarks":
-                raise
-            continue
-        found.update(module.BENCHMARKS)
+    for module_info in pkgutil.iter_modules(bench.__path__):
+        module = importlib.import_module(f"{bench.__name__}.{module_info.name}")
+        found.update(getattr(module, "BENCHMARKS", {}))
     return found
 
 

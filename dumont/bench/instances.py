@@ -110,7 +110,7 @@ class RaceBenchmark(Benchmark):
         parser.add_argument("--seed", type=int, default=7)
 
     def run(self, *, launches, hosts, time_scale, poll_interval, seed, **_):
-        from machines.providers.local.testing import running_marketplace
+        from dumont.bench.marketplace import running_marketplace
 
         config = RaceConfig(
             batch_size=5, max_rounds=3, batch_timeout=90 * time_scale, machine_timeout=180 * time_scale,
@@ -239,10 +239,10 @@ class WakeBenchmark(Benchmark):
     def run(self, *, size_gb, wakes, time_scale, **_):
         import secrets
 
+        from dumont.bench.marketplace import running_marketplace
+        from dumont.bench.snapshots import generate_workspace
         from dumont.s3server import Credentials, start_s3_server
         from instances import hibernation
-        from machines.providers.local.testing import running_marketplace
-        from snapshots.benchmarks import generate_workspace
 
         size = int(size_gb * 1e9)
         with tempfile.TemporaryDirectory(prefix="bench-wake-") as tmp:
@@ -310,9 +310,9 @@ class FailoverBenchmark(Benchmark):
         import secrets
 
         from dumont import processes
+        from dumont.bench.marketplace import running_marketplace
         from dumont.celery import app
         from dumont.s3server import Credentials, start_s3_server
-        from machines.providers.local.testing import running_marketplace
 
         with tempfile.TemporaryDirectory(prefix="bench-failover-") as tmp_name:
             tmp = Path(tmp_name)
@@ -354,9 +354,9 @@ class FailoverBenchmark(Benchmark):
     def _drill(self, user, market, size_mb, sync_interval, wait_until):
         import hashlib
 
-        from instances import services, standby
+        from dumont.bench.snapshots import generate_workspace
+        from instances import services
         from instances.models import StandbyConfig, StandbyMachine
-        from snapshots.benchmarks import generate_workspace
 
         def status(*wanted: str, timeout: float = 600) -> Instance:
             def settled():
@@ -404,14 +404,14 @@ class FailoverBenchmark(Benchmark):
         marker = Path(market.control.instance(mirrored.provider_instance_id)["workspace"]) / "written-on-the-standby.bin"
         marker.write_bytes(os.urandom(1 << 20))
         digest = hashlib.sha256(marker.read_bytes()).hexdigest()
-        standby.instance_failback_request(instance=instance)
+        services.instance_failback_request(instance=instance)
         status("running", "failover")
         if instance.status != "running":
             raise RuntimeError(f"failback failed: {instance.status_reason}")
         timings = instance.events.filter(kind="status", data__to="running").latest("id").data["timings"]
         back = Path(market.control.instance(instance.provider_instance_id)["workspace"]) / marker.name
         carried = back.exists() and hashlib.sha256(back.read_bytes()).hexdigest() == digest
-        rows += [(f"failback: {name}", timings[name]) for name in ("race", "copy", "agent", "last_pass", "total")]
+        rows += [(f"failback: {name}", timings[name]) for name in ("race", "restore", "agent", "last_pass", "total")]
         for name, seconds in rows:
             self.stdout.write(f"{name:<46}{seconds:>8.2f}s")
         self.stdout.write(f"file written on the standby is on the new GPU machine: {carried}")

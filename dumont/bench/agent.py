@@ -3,7 +3,7 @@
 Heartbeat ingestion as production runs it: gunicorn (DEBUG off) on loopback, the database the
 settings point to, Redis, a Celery worker for size-triggered flushes and a flusher thread here in
 the role of beat. A fleet of `--instances` instances with real credentials sends signed heartbeats
-at a fixed rate (open loop: agent.loadgen), then every accepted heartbeat is looked up in
+at a fixed rate (open loop: dumont.bench.loadgen), then every accepted heartbeat is looked up in
 PostgreSQL by its nonce (none may be lost). The same load against the no-op `GET /api/v1/health` in
 the same run is the framework's own cost; the ratios say what heartbeats add.
 
@@ -35,8 +35,8 @@ from django.test import override_settings
 
 from agent import buffer, services
 from agent.daemon.dumont_agent import STATUS_PATH, signature
-from agent.loadgen import LoaderResult, run_load
 from agent.models import AgentCredential, Heartbeat
+from dumont.bench.loadgen import LoaderResult, run_load
 from dumont.core.management.commands.benchmark import Benchmark
 
 REPO = Path(__file__).resolve().parent.parent
