@@ -31,6 +31,7 @@ from machines.keys import control_plane_key_path
 from machines.ssh import PrivateKeyLike, SSHError, SSHTarget, connect
 from snapshots import restic, storage
 from snapshots.models import Snapshot, SnapshotRepository, SnapshotRestore
+from snapshots.states import status_transition
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,7 @@ def repository_delete(*, owner) -> int:
         raise Conflict("a snapshot of this user is still running")
     deleted = storage.repository_delete(repository.prefix)
     now = timezone.now()
-    Snapshot.objects.filter(owner=owner).exclude(status=Snapshot.Status.DELETED).update(
-        status=Snapshot.Status.DELETED, deleted_at=now
-    )
+    status_transition(Snapshot.objects.filter(owner=owner), Snapshot.Status.DELETED, deleted_at=now)
     Snapshot.objects.filter(owner=owner, forgotten_at__isnull=True).update(forgotten_at=now)
     repository.delete()
     return deleted
@@ -194,14 +193,12 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
                  on_event: EventCallback | None = None) -> Snapshot:
     """Take a pending snapshot: back up the workspace on its machine and verify it. Idempotent."""
     on_event = on_event or _no_events
-    with transaction.atomic():
-        snapshot = Snapshot.objects.select_for_update().get(pk=snapshot_id)
-        if snapshot.status not in Snapshot.ACTIVE:
-            return snapshot  # done already (a re-delivered task)
-        # `running` here means an earlier attempt died with its worker: run it again
-        snapshot.status = Snapshot.Status.RUNNING
-        snapshot.started_at = timezone.now()
-        snapshot.save(update_fields=["status", "started_at"])
+    # `running` already means an earlier attempt died with its worker: run it again
+    started = status_transition(Snapshot.objects.filter(pk=snapshot_id), Snapshot.Status.RUNNING,
+                                started_at=timezone.now())
+    snapshot = Snapshot.objects.get(pk=snapshot_id)
+    if not started:
+        return snapshot  # done already (a re-delivered task)
     parent_id, after_restore = _parent_of(snapshot.instance_id)
     on_event("snapshot", f"snapshot {snapshot.pk} started ({snapshot.reason})",
              {"snapshot": snapshot.pk, "parent": parent_id, "after_restore": after_restore})
@@ -222,18 +219,14 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
     with transaction.atomic():
         snapshot = Snapshot.objects.select_for_update().get(pk=snapshot_id)
         now = timezone.now()
-        snapshot.status = Snapshot.Status.VERIFIED
-        snapshot.restic_snapshot_id = result.snapshot_id
-        snapshot.parent_restic_snapshot_id = result.parent_id
-        snapshot.size_bytes = result.total_bytes
-        snapshot.added_bytes = result.data_added
-        snapshot.file_count = result.total_files
-        snapshot.duration_seconds = round(result.duration, 3)
-        snapshot.stats = {**result.summary, "installed_restic": installed, "after_restore": after_restore}
-        snapshot.progress = {**snapshot.progress, "percent": 100.0}
-        snapshot.verified_at = snapshot.finished_at = now
-        snapshot.error = ""
-        snapshot.save()
+        status_transition(
+            Snapshot.objects.filter(pk=snapshot_id), Snapshot.Status.VERIFIED, restic_snapshot_id=result.snapshot_id,
+            parent_restic_snapshot_id=result.parent_id, size_bytes=result.total_bytes, added_bytes=result.data_added,
+            file_count=result.total_files, duration_seconds=round(result.duration, 3),
+            stats={**result.summary, "installed_restic": installed, "after_restore": after_restore},
+            progress={**snapshot.progress, "percent": 100.0}, verified_at=now, finished_at=now, error="",
+        )
+    snapshot.refresh_from_db()
     on_event("snapshot", f"snapshot {snapshot.pk} verified: {result.short_id}, {result.total_bytes} bytes, "
              f"{result.data_added} added in {result.duration:.1f}s",
              {"snapshot": snapshot.pk, "restic_snapshot_id": result.snapshot_id, "size_bytes": result.total_bytes,
@@ -252,10 +245,8 @@ def snapshot_take(*, owner, instance_id: int, target: SSHTarget, reason: str = S
 def _snapshot_failed(snapshot: Snapshot, exc: BaseException, on_event: EventCallback) -> Snapshot:
     reason = _failure_reason(exc)
     restic_id = exc.snapshot_id if isinstance(exc, restic.ResticError) else ""
-    Snapshot.objects.filter(pk=snapshot.pk, status__in=Snapshot.ACTIVE).update(
-        status=Snapshot.Status.FAILED, error=reason, restic_snapshot_id=restic_id, finished_at=timezone.now(),
-        verified_at=None,
-    )
+    status_transition(Snapshot.objects.filter(pk=snapshot.pk), Snapshot.Status.FAILED, error=reason,
+                      restic_snapshot_id=restic_id, finished_at=timezone.now(), verified_at=None)
     log.warning("snapshot %s failed: %s", snapshot.pk, reason)
     on_event("snapshot", f"snapshot {snapshot.pk} failed: {reason}", {"snapshot": snapshot.pk, "error": reason})
     snapshot.refresh_from_db()
@@ -311,9 +302,8 @@ def snapshot_delete(*, owner, snapshot_id: int) -> Snapshot:
                            data={"status": snapshot.status})
         if SnapshotRestore.objects.filter(snapshot=snapshot, status__in=SnapshotRestore.ACTIVE).exists():
             raise Conflict(f"snapshot {snapshot_id} is being restored", data={"status": snapshot.status})
-        snapshot.status = Snapshot.Status.DELETED
-        snapshot.deleted_at = timezone.now()
-        snapshot.save(update_fields=["status", "deleted_at"])
+        status_transition(Snapshot.objects.filter(pk=snapshot.pk), Snapshot.Status.DELETED, deleted_at=timezone.now())
+    snapshot.refresh_from_db()
     return snapshot
 
 
@@ -359,13 +349,11 @@ def restore_run(*, restore_id: int, private_key: PrivateKeyLike | None = None,
                 on_event: EventCallback | None = None) -> SnapshotRestore:
     """Restore into the workspace of the recorded machine. Idempotent (a restore may simply run again)."""
     on_event = on_event or _no_events
-    with transaction.atomic():
-        restore = SnapshotRestore.objects.select_for_update().select_related("snapshot").get(pk=restore_id)
-        if restore.status not in SnapshotRestore.ACTIVE:
-            return restore
-        restore.status = SnapshotRestore.Status.RUNNING
-        restore.started_at = timezone.now()
-        restore.save(update_fields=["status", "started_at"])
+    started = status_transition(SnapshotRestore.objects.filter(pk=restore_id), SnapshotRestore.Status.RUNNING,
+                                started_at=timezone.now())
+    restore = SnapshotRestore.objects.select_related("snapshot").get(pk=restore_id)
+    if not started:
+        return restore  # done already (a re-delivered task)
     short_id = restore.restic_snapshot_id[:8]
     on_event("restore", f"restore of snapshot {restore.snapshot_id} ({short_id}) started",
              {"restore": restore.pk, "snapshot": restore.snapshot_id})
@@ -382,10 +370,8 @@ def restore_run(*, restore_id: int, private_key: PrivateKeyLike | None = None,
         _restore_failed(restore, exc, on_event)
         raise
     duration = round(time.monotonic() - started, 3)
-    SnapshotRestore.objects.filter(pk=restore.pk).update(
-        status=SnapshotRestore.Status.SUCCEEDED, installed_restic=installed, duration_seconds=duration,
-        finished_at=timezone.now(), error="",
-    )
+    status_transition(SnapshotRestore.objects.filter(pk=restore.pk), SnapshotRestore.Status.SUCCEEDED,
+                      installed_restic=installed, duration_seconds=duration, finished_at=timezone.now(), error="")
     size = restore.snapshot.size_bytes or 0
     on_event("restore", f"restore of snapshot {restore.snapshot_id} done in {duration:.1f}s",
              {"restore": restore.pk, "snapshot": restore.snapshot_id, "duration_seconds": duration,
@@ -405,9 +391,8 @@ def snapshot_restore(*, owner, instance_id: int, target: SSHTarget, snapshot_id:
 
 def _restore_failed(restore: SnapshotRestore, exc: BaseException, on_event: EventCallback) -> SnapshotRestore:
     reason = _failure_reason(exc)
-    SnapshotRestore.objects.filter(pk=restore.pk, status__in=SnapshotRestore.ACTIVE).update(
-        status=SnapshotRestore.Status.FAILED, error=reason, finished_at=timezone.now()
-    )
+    status_transition(SnapshotRestore.objects.filter(pk=restore.pk), SnapshotRestore.Status.FAILED, error=reason,
+                      finished_at=timezone.now())
     log.warning("restore %s failed: %s", restore.pk, reason)
     on_event("restore", f"restore of snapshot {restore.snapshot_id} failed: {reason}",
              {"restore": restore.pk, "snapshot": restore.snapshot_id, "error": reason})
@@ -476,9 +461,8 @@ def _apply_retention(owner) -> RetentionResult:
         by_instance.setdefault(snapshot.instance_id, []).append(snapshot)
     expired = [s for group in by_instance.values() for s in _expired(group)]
     now = timezone.now()
-    Snapshot.objects.filter(pk__in=[s.pk for s in expired], status=Snapshot.Status.VERIFIED).update(
-        status=Snapshot.Status.DELETED, deleted_at=now
-    )
+    status_transition(Snapshot.objects.filter(pk__in=[s.pk for s in expired], status=Snapshot.Status.VERIFIED),
+                      Snapshot.Status.DELETED, deleted_at=now)
     # deleted by the user or expired above, and failed ones restic saved anyway (exit 3): not restorable
     to_forget = Snapshot.objects.filter(
         owner=owner, forgotten_at__isnull=True, status__in=[Snapshot.Status.DELETED, Snapshot.Status.FAILED]
@@ -505,7 +489,7 @@ def snapshots_keep_latest(*, owner, instance_id: int) -> int:
     latest = verified.order_by("-finished_at", "-id").first()
     if latest is None:
         return 0
-    dropped = verified.exclude(pk=latest.pk).update(status=Snapshot.Status.DELETED, deleted_at=timezone.now())
+    dropped = status_transition(verified.exclude(pk=latest.pk), Snapshot.Status.DELETED, deleted_at=timezone.now())
     if dropped:
         try:
             snapshots_apply_retention(owner=owner)
@@ -518,12 +502,10 @@ def _fail_stale(owner) -> None:
     """Rows left running by a worker that died (its task past every time limit): failed, not running forever."""
     cutoff = timezone.now() - timedelta(seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 60)
     reason = "interrupted: the worker running it stopped before it finished"
-    Snapshot.objects.filter(owner=owner, status__in=Snapshot.ACTIVE, created_at__lt=cutoff).update(
-        status=Snapshot.Status.FAILED, error=reason, finished_at=timezone.now()
-    )
-    SnapshotRestore.objects.filter(owner=owner, status__in=SnapshotRestore.ACTIVE, created_at__lt=cutoff).update(
-        status=SnapshotRestore.Status.FAILED, error=reason, finished_at=timezone.now()
-    )
+    status_transition(Snapshot.objects.filter(owner=owner, created_at__lt=cutoff), Snapshot.Status.FAILED,
+                      error=reason, finished_at=timezone.now())
+    status_transition(SnapshotRestore.objects.filter(owner=owner, created_at__lt=cutoff), SnapshotRestore.Status.FAILED,
+                      error=reason, finished_at=timezone.now())
 
 
 # ---- the agent's periodic sync ----------------------------------------------------------------
