@@ -3,7 +3,7 @@
 - **Idle**: every heartbeat of the last IDLE_WINDOW_SECONDS says GPU < IDLE_GPU_THRESHOLD_PERCENT, *and*
   heartbeats came throughout the window (no gap over HEARTBEAT_MAX_GAP_SECONDS, none missing at either
   end). Missing heartbeats are never idleness; a single sample at or above the threshold resets the clock;
-  keep-awake-until suspends it.
+  keep-awake-until suspends it. (The reads: instances.selectors.instances_idle / instances_to_release.)
 - **Hibernate** = verified snapshot -> destroy the machine -> `hibernated`. If the snapshot fails, the
   machine is not touched, the instance goes back to `running` and the next try waits (backoff). The
   destroy happens only after a verified hibernation snapshot of this hibernation exists, so a worker killed
@@ -12,7 +12,8 @@
 - **Release**: after HIBERNATION_RELEASE_SECONDS hibernated, any provider resource left under the instance's
   label is destroyed and the repository keeps only the latest verified snapshot of the instance.
 - **Wake**: a launch race (preferring the last host), then the latest verified snapshot restored onto the
-  winner, then the agent; `running` when the workspace is back. Every step is timed in a `wake` event.
+  winner, then the agent; `running` when the workspace is back (instances/relaunch.py). Every step is
+  timed in a `wake` event.
 """
 
 from __future__ import annotations

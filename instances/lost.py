@@ -10,7 +10,7 @@
   it is reachable); then either the instance fails over to its CPU standby (instances/standby.py), or it
   goes to `recovering`.
 - **Recovery** (`recovering`): a launch race, the latest verified snapshot restored onto the winner, the
-  agent restarted, `running`. The events say the recovery point (the snapshot's time, and how much work
+  agent restarted, `running` (instances/relaunch.py). The events say the recovery point (the snapshot's time, and how much work
   since then was lost) and how long recovery took. If no machine comes up, the instance goes to
   `hibernated`: its workspace waits in the snapshot and a wake tries again.
 """

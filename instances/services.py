@@ -77,6 +77,14 @@ def _require(instance: Instance, target: str, action: str) -> None:
                        data={"status": instance.status})
 
 
+def _transition_then(instance: Instance, target: str, task, **transition_args: Any) -> Instance:
+    """Move the instance now (so a second request is a 409), and send its task once that has committed."""
+    with transaction.atomic():
+        instance = transition(instance.pk, target, **transition_args)
+        transaction.on_commit(lambda: task.delay(instance.pk))
+    return instance
+
+
 def _expect(instance: Instance, status: str, action: str) -> None:
     if instance.status != status:
         raise Conflict(f"Cannot {action} an instance that is {instance.status}.", code="invalid_state",
@@ -88,10 +96,8 @@ def instance_destroy_request(*, instance: Instance) -> Instance:
     from instances import tasks
 
     _require(instance, Status.DESTROYING, "destroy")
-    with transaction.atomic():
-        instance = transition(instance.pk, Status.DESTROYING, expected=instance.status, message="destroy requested")
-        transaction.on_commit(lambda: tasks.destroy_instance.delay(instance.pk))
-    return instance
+    return _transition_then(instance, Status.DESTROYING, tasks.destroy_instance, expected=instance.status,
+                            message="destroy requested")
 
 
 def instance_pause_request(*, instance: Instance) -> Instance:
@@ -136,11 +142,9 @@ def instance_wake_request(
     overrides = {name: value for name, value in
                  {"gpu_name": gpu_name, "region": region, "max_price_per_hour": max_price_per_hour}.items()
                  if value is not None}
-    with transaction.atomic():
-        instance = transition(instance.pk, Status.WAKING, expected=Status.HIBERNATED, message="wake requested",
-                              data={k: str(v) for k, v in overrides.items()}, released_at=None, **overrides)
-        transaction.on_commit(lambda: tasks.wake_instance.delay(instance.pk))
-    return instance
+    return _transition_then(instance, Status.WAKING, tasks.wake_instance, expected=Status.HIBERNATED,
+                            message="wake requested", data={k: str(v) for k, v in overrides.items()},
+                            released_at=None, **overrides)
 
 
 def instance_keep_awake(*, instance: Instance, minutes: int) -> Instance:
@@ -174,10 +178,8 @@ def instance_failback_request(*, instance: Instance) -> Instance:
     from instances import tasks
 
     _expect(instance, Status.FAILOVER, "fail back")
-    with transaction.atomic():
-        instance = transition(instance.pk, Status.FAILBACK, expected=Status.FAILOVER, message="failback requested")
-        transaction.on_commit(lambda: tasks.failback_instance.delay(instance.pk))
-    return instance
+    return _transition_then(instance, Status.FAILBACK, tasks.failback_instance, expected=Status.FAILOVER,
+                            message="failback requested")
 
 
 def _running(instance: Instance) -> None:

@@ -38,8 +38,8 @@ from agent.daemon.dumont_agent import STATUS_PATH, signature
 from agent.models import AgentCredential, Heartbeat
 from dumont.bench.loadgen import LoaderResult, run_load
 from dumont.core.management.commands.benchmark import Benchmark
+from dumont.processes import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 SYNC_REPORT = {"state": "idle", "interval": 300.0, "runs": 12, "running_since": None,
                "last": {"exit_code": 0, "snapshot_id": "5f3c9a1e0b7d", "error_tail": None,
                         "started_at": 1767000000.5, "duration": 4.2}}
@@ -264,7 +264,7 @@ class HeartbeatBenchmark(Benchmark):
         command = [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}",
                    "--workers", str(workers), "--worker-class", worker_class, "--threads", str(threads),
                    "--keep-alive", "75", "--backlog", "2048", "--log-level", "warning"]
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             def answers() -> bool:
                 with contextlib.suppress(OSError):
@@ -287,7 +287,7 @@ class HeartbeatBenchmark(Benchmark):
             process = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "dumont", "worker", "--pool=solo", "--without-gossip",
                  "--without-mingle", "--without-heartbeat", "--loglevel=INFO", f"--hostname=bench-{os.getpid()}@%h"],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         try:

@@ -21,10 +21,9 @@ from typing import Any
 
 import requests
 
+from dumont.processes import REPO_ROOT
 from machines.providers.local.control import MarketplaceControl
 from machines.providers.local.provider import LocalProvider
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclasses.dataclass
