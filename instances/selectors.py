@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Prefetch, Q
+from django.db.models import OuterRef, Prefetch, Q, Subquery
 from django.utils import timezone
 
 from dumont.core.errors import NotFound
@@ -19,7 +19,10 @@ from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMach
 def instances_of(user):
     # the live standby comes along: the API shows its SSH endpoint during a failover
     live = StandbyMachine.objects.filter(status__in=StandbyMachine.ACTIVE)
-    return Instance.objects.filter(owner=user).prefetch_related(Prefetch("standbys", queryset=live, to_attr="live_standbys"))
+    # a client follows what happens next from the latest event on (`events?after=`)
+    latest_event = InstanceEvent.objects.filter(instance=OuterRef("pk")).order_by("-id").values("id")[:1]
+    return (Instance.objects.filter(owner=user).annotate(last_event_id=Subquery(latest_event))
+            .prefetch_related(Prefetch("standbys", queryset=live, to_attr="live_standbys")))
 
 
 def instance_of(*, user, instance_id: int) -> Instance:
@@ -34,6 +37,12 @@ def instance_events(*, instance: Instance, after_id: int | None = None, limit: i
     if after_id is not None:
         events = events.filter(pk__gt=after_id)
     return events.order_by("id")[:limit]
+
+
+def instance_last_event_id(instance: Instance) -> int | None:
+    if hasattr(instance, "last_event_id"):  # annotated by instances_of
+        return instance.last_event_id
+    return InstanceEvent.objects.filter(instance=instance).order_by("-id").values_list("id", flat=True).first()
 
 
 def standby_config_of(user) -> StandbyConfig:

@@ -356,7 +356,7 @@ def restore_run(*, restore_id: int, private_key: PrivateKeyLike | None = None,
         return restore  # done already (a re-delivered task)
     short_id = restore.restic_snapshot_id[:8]
     on_event("restore", f"restore of snapshot {restore.snapshot_id} ({short_id}) started",
-             {"restore": restore.pk, "snapshot": restore.snapshot_id})
+             {"restore": restore.pk, "snapshot": restore.snapshot_id, "size_bytes": restore.snapshot.size_bytes or 0})
     started = time.monotonic()
     try:
         with connect(restore.ssh_target, private_key or control_plane_key_path()) as session:

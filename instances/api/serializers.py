@@ -2,6 +2,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
+from instances.selectors import instance_last_event_id
 from instances.states import Status
 
 
@@ -50,15 +51,20 @@ def ssh_endpoint(instance: Instance) -> dict | None:
 class InstanceSerializer(serializers.ModelSerializer):
     machine = serializers.SerializerMethodField()
     ssh = serializers.SerializerMethodField()
+    last_event_id = serializers.SerializerMethodField(
+        help_text="The newest event's id: follow what happens next with `events?after=<it>`.")
 
     class Meta:
         model = Instance
         fields = [
             "id", "name", "provider", "provider_account", "gpu_name", "num_gpus", "max_price_per_hour",
             "disk_gb", "image", "region", "interruptible", "status", "status_reason", "status_changed_at",
-            "machine", "ssh", "keep_awake_until", "created_at", "updated_at",
+            "machine", "ssh", "keep_awake_until", "last_event_id", "created_at", "updated_at",
         ]
         read_only_fields = fields
+
+    def get_last_event_id(self, instance) -> int | None:
+        return instance_last_event_id(instance)
 
     def get_machine(self, instance) -> dict | None:
         if not instance.provider_instance_id:

@@ -1,0 +1,3 @@
+from dumont_cli.main import cli
+
+cli()
