@@ -48,13 +48,26 @@ def error_line(response: requests.Response) -> ApiError:
     return ApiError(response.status_code, str(body.get("error") or "error"), " ".join(message.split()), body)
 
 
-def token_expiry(token: str) -> float:
-    """The `exp` claim of a JWT (read, not verified: the server verifies; we only avoid a needless 401)."""
+def _claims(token: str) -> dict:
+    """A JWT's claims (read, not verified: the server verifies; we only avoid a needless 401)."""
     try:
         payload = token.split(".")[1]
-        return float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
-    except (IndexError, ValueError, KeyError, TypeError):
-        return 0.0
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return claims if isinstance(claims, dict) else {}
+    except (IndexError, ValueError):
+        return {}
+
+
+def token_expiry(token: str) -> float:
+    return float(_claims(token).get("exp") or 0)
+
+
+def token_fresh(token: str) -> bool:
+    """Valid for a while yet: a refresh comes before the token expires, not after a 401."""
+    claims = _claims(token)
+    expiry, issued = float(claims.get("exp") or 0), float(claims.get("iat") or 0)
+    margin = min(EXPIRY_MARGIN_SECONDS, (expiry - issued) / 4) if issued else EXPIRY_MARGIN_SECONDS
+    return expiry > time.time() + margin
 
 
 def _never_sent(exc: BaseException) -> bool:
@@ -122,13 +135,14 @@ class Api:
 
     def logout(self) -> None:
         if self.session:
+            self._access_token()  # a refresh first, if due: it rotates the refresh token we revoke
             self.request("POST", "/api/v1/auth/logout", json={"refresh": self.session.refresh}, expect=(204,))
         self.config.forget_session()
 
     def _access_token(self, *, force_refresh: bool = False) -> str:
         if not self.session:
             raise CliError("not logged in: run `dumont login --url URL --username NAME`")
-        if not force_refresh and token_expiry(self.session.access) > time.time() + EXPIRY_MARGIN_SECONDS:
+        if not force_refresh and token_fresh(self.session.access):
             return self.session.access
         stale = self.session.access
         with self.config.locked():
@@ -137,7 +151,7 @@ class Api:
             if current is None:
                 raise CliError("not logged in: run `dumont login --url URL --username NAME`")
             self.session = current
-            if current.access != stale and token_expiry(current.access) > time.time() + EXPIRY_MARGIN_SECONDS:
+            if current.access != stale and token_fresh(current.access):
                 return current.access
             response = self._send("POST", "/api/v1/auth/refresh", json={"refresh": current.refresh})
             if response.status_code in (400, 401):

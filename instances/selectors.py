@@ -39,8 +39,8 @@ def instance_events(*, instance: Instance, after_id: int | None = None, limit: i
     return events.order_by("id")[:limit]
 
 
-def instance_last_event_id(instance: Instance) -> int | None:
-    if hasattr(instance, "last_event_id"):  # annotated by instances_of
+def instance_last_event_id(instance: Instance, *, annotated: bool = False) -> int | None:
+    if annotated and hasattr(instance, "last_event_id"):  # by instances_of, for a listing
         return instance.last_event_id
     return InstanceEvent.objects.filter(instance=instance).order_by("-id").values_list("id", flat=True).first()
 

@@ -64,7 +64,8 @@ class InstanceSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def get_last_event_id(self, instance) -> int | None:
-        return instance_last_event_id(instance)
+        # a listing reads the selector's annotation; one instance (after an action, too) is read afresh
+        return instance_last_event_id(instance, annotated=self.parent is not None)
 
     def get_machine(self, instance) -> dict | None:
         if not instance.provider_instance_id:

@@ -112,3 +112,25 @@ def test_other_users_cannot_act_on_an_instance(user, other_api, method, suffix):
     response = getattr(other_api, method)(f"/api/v1/instances/{instance.pk}{suffix}")
     assert response.status_code == 404
     assert Instance.objects.get(pk=instance.pk).status == Status.RUNNING
+
+
+def test_list_finds_an_instance_by_its_exact_name_only_among_the_owners(user, other_user, api):
+    destroyed = make_instance(user, name="train", status=Status.DESTROYED)
+    live = make_instance(user, name="train", status=Status.HIBERNATED)  # a destroyed one's name is free again
+    make_instance(user, name="train-2", status=Status.RUNNING)
+    make_instance(other_user, name="train", status=Status.RUNNING)
+    body = api.get("/api/v1/instances?name=train").json()
+    assert [i["id"] for i in body["results"]] == [live.pk, destroyed.pk]
+
+
+def test_instances_carry_their_latest_event_id_to_follow_from(user, api):
+    instance = make_instance(user, status=Status.LAUNCHING)
+    assert api.get("/api/v1/instances").json()["results"][0]["last_event_id"] is None
+    transition(instance.pk, Status.RUNNING, message="won the race")
+    latest = instance.events.latest("id").pk
+    assert api.get("/api/v1/instances").json()["results"][0]["last_event_id"] == latest
+    assert api.get(f"/api/v1/instances/{instance.pk}").json()["last_event_id"] == latest
+    paused = api.post(f"/api/v1/instances/{instance.pk}/hibernate").json()  # a service's own instance
+    assert paused["last_event_id"] == instance.events.latest("id").pk > latest
+    assert api.get(f"/api/v1/instances/{instance.pk}/events?after={latest}").json()[0]["message"] == \
+        "hibernation requested"

@@ -91,6 +91,8 @@ def test_snapshot_then_restore_through_the_api(user, api, source, machines, djan
     assert done["status"] == SnapshotRestore.Status.SUCCEEDED, done["error"]
     assert manifest(target_machine.workspace) == manifest(source.workspace)
     assert InstanceEvent.objects.filter(instance=target, kind="restore").count() == 3  # requested, started, done
+    started = InstanceEvent.objects.get(instance=target, kind="restore", message__endswith="started")
+    assert started.data["size_bytes"] == Snapshot.objects.get(pk=body["id"]).size_bytes > 0  # what the CLI shows
 
 
 @ROUTES
