@@ -64,10 +64,15 @@ def emit_json(data) -> None:
 
 
 def follow(api: Api, instance: dict, *, until: set[str], fails: set[str] = frozenset(), title: str,
-           errors_fail: bool = False) -> dict:
+           errors_fail: bool = False, settle=None) -> dict:
     Follower(api, instance).wait(until=until, fails=(GONE - until) | set(fails), console=err, title=title,
-                                 errors_fail=errors_fail)
+                                 errors_fail=errors_fail, settle=settle)
     return api.get(f"/api/v1/instances/{instance['id']}")
+
+
+def race_over(event: dict) -> bool:
+    """The race's last word: its losers are destroyed (it comes just after the winner is running)."""
+    return event["kind"] == "race" and "losers" in (event.get("data") or {})
 
 
 def ssh_line(instance: dict) -> str:
@@ -165,7 +170,7 @@ def up(state: State, name, gpu_name, num_gpus, max_price, disk_gb, image, region
     instance = state.api.post("/api/v1/instances", body)
     if wait:
         err.print(f"launching {name} (instance {instance['id']}): a race for a machine")
-        instance = follow(state.api, instance, until={"running"}, title=f"{name}: launch race")
+        instance = follow(state.api, instance, until={"running"}, title=f"{name}: launch race", settle=race_over)
     if as_json:
         return emit_json(instance)
     out.print(f"{name} is {instance['status']}" + (f": {ssh_line(instance)}" if instance.get("ssh") else ""))

@@ -7,6 +7,7 @@ log) the same events are plain lines."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -16,6 +17,7 @@ from rich.table import Table
 from dumont_cli.client import Api, CliError
 
 POLL_SECONDS = 0.5
+SETTLE_SECONDS = 30
 MACHINE_STATES = {"won": "[green]won[/]", "lost": "[dim]destroyed (lost)[/]"}
 
 
@@ -102,15 +104,18 @@ class Follower:
         return events
 
     def wait(self, *, until: set[str], fails: set[str], console: Console, title: str,
-             errors_fail: bool = False) -> list[dict]:
+             errors_fail: bool = False, settle: Callable[[dict], bool] | None = None) -> list[dict]:
         """Show the events until the status is in `until` (returns the events), or until a transition into
-        `fails` (or, with `errors_fail`, an error event): CliError with the control plane's reason."""
+        `fails` (or, with `errors_fail`, an error event): CliError with the control plane's reason.
+        `settle`: once there, also wait (a little) for the event it accepts, e.g. the race's losers destroyed."""
         view = ProgressView(title)
         live = Live(view, console=console, refresh_per_second=8, transient=True) if console.is_terminal else None
+        settled = settle is None
+        settle_deadline = None
         try:
             if live:
                 live.start()
-            while self.status not in until:
+            while True:
                 for event in self.poll():
                     line = view.update(event)
                     if line:
@@ -118,12 +123,14 @@ class Follower:
                     moved_to = (event.get("data") or {}).get("to") if event["kind"] == "status" else None
                     if moved_to in fails or (errors_fail and event["kind"] == "error"):
                         raise CliError(f"instance is {self.status}: {event['message']}")
+                    settled = settled or settle(event)
                 if self.status in until:
-                    break
+                    settle_deadline = settle_deadline or time.monotonic() + SETTLE_SECONDS
+                    if settled or time.monotonic() > settle_deadline:
+                        return self.events
                 if live:
                     live.refresh()
                 time.sleep(POLL_SECONDS)
-            return self.events
         finally:
             if live:
                 live.stop()
