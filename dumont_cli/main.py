@@ -22,8 +22,9 @@ from dumont_cli.config import ConfigDir, default_config_dir
 from dumont_cli.progress import Follower, human_bytes
 from dumont_cli.sshproxy import host_alias, include_in, proxy, ssh_config_text, ssh_options
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a long line (an ssh command, an event) stays one line, for copy-paste and for logs
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 GONE = {"failed", "destroying", "destroyed"}
 BANDS = {"excellent": "green", "good": "cyan", "fair": "yellow", "poor": "red", "unknown": "dim"}
 

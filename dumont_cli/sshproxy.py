@@ -144,7 +144,7 @@ def join(sock: socket.socket) -> None:
 
 
 def proxy(api: Api, config: ConfigDir, name: str) -> None:
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     name = name.removeprefix(ALIAS_PREFIX)
     instance = instance_reachable(api, name, console)
     endpoint = instance["ssh"]

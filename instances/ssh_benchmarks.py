@@ -38,8 +38,10 @@ class WakeOnSSHBenchmark(Benchmark):
         parser.add_argument("--wakes", type=int, default=3, help="wakes of each kind")
         parser.add_argument("--runs", type=int, default=20, help="ssh runs to a running instance, each way")
         parser.add_argument("--time-scale", type=float, default=0.05, help="marketplace boot times x this")
+        parser.add_argument("--transcript", type=Path, help="also write what `dumont up` and the first wake on "
+                                                            "ssh printed into this directory")
 
-    def run(self, *, size_mb, wakes, runs, time_scale, **_):
+    def run(self, *, size_mb, wakes, runs, time_scale, transcript=None, **_):
         from dumont import processes
         from dumont.celery import app
         from dumont.s3server import Credentials, start_s3_server
@@ -72,7 +74,7 @@ class WakeOnSSHBenchmark(Benchmark):
                     user, _ = get_user_model().objects.get_or_create(username="__benchmark__")
                     user.set_password(PASSWORD)
                     user.save()
-                    session = _Session(tmp, url, env)
+                    session = _Session(tmp, url, env, transcript)
                     try:
                         self._measure(session, market, size_mb, wakes, runs)
                     finally:
@@ -93,6 +95,7 @@ class WakeOnSSHBenchmark(Benchmark):
         self.stdout.write(f"workspace {size_mb} MB, marketplace time scale {market.control.state()['time_scale']}")
 
         # the proxy's extra latency on a running instance: the same ssh, direct and through `dumont proxy`
+        session.timed_ssh(session.proxy_args(name))  # once first: it pins the host key the direct ssh uses
         direct, proxied = [], []
         for _ in range(runs):
             direct.append(session.timed_ssh(session.direct_args(name)))
@@ -119,9 +122,10 @@ class WakeOnSSHBenchmark(Benchmark):
 class _Session:
     """A user's laptop: the CLI with its own config dir, an SSH key, an ssh config."""
 
-    def __init__(self, tmp: Path, url: str, env: dict):
+    def __init__(self, tmp: Path, url: str, env: dict, transcript: Path | None = None):
         from dumont.processes import REPO_ROOT
 
+        self.transcript = transcript
         self.tmp, self.url, self.repo = tmp, url, REPO_ROOT
         self.env = {**env, "DUMONT_CONFIG_DIR": str(tmp / "cli"), "DUMONT_PASSWORD": PASSWORD, "TERM": "dumb"}
         self.key = tmp / "id_ed25519"
@@ -136,7 +140,15 @@ class _Session:
                               capture_output=True, text=True, timeout=900)
         if done.returncode:
             raise RuntimeError(f"dumont {' '.join(args)}: {done.stderr}")
+        if self.transcript and args[0] == "up":
+            self._record("up", f"$ dumont {' '.join(args)}", done)
         return done.stdout
+
+    def _record(self, what: str, command: str, done: subprocess.CompletedProcess) -> None:
+        self.transcript.mkdir(parents=True, exist_ok=True)
+        path = self.transcript / f"{what}.txt"
+        if not path.exists():
+            path.write_text(f"{command}\n{done.stderr}{done.stdout}")
 
     def write_ssh_config(self) -> None:
         (self.tmp / "ssh_config").write_text(self.cli("ssh-config"))
@@ -159,17 +171,19 @@ class _Session:
     def _auth(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"}
 
-    def timed_ssh(self, args: list[str]) -> float:
+    def timed_ssh(self, args: list[str], record: str | None = None) -> float:
         started = time.monotonic()
         done = subprocess.run(args, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
         if done.returncode:
             raise RuntimeError(f"{' '.join(args)}: {done.stderr}")
+        if self.transcript and record:
+            self._record(record, f"$ ssh {args[-2]} {args[-1]}", done)
         return time.monotonic() - started
 
     def wake(self, instance_id: int, name: str, *, through_ssh: bool) -> dict[str, float]:
         started = time.time()
         if through_ssh:
-            self.timed_ssh(self.proxy_args(name))
+            self.timed_ssh(self.proxy_args(name), record="wake-on-ssh")
         else:
             response = requests.post(f"{self.url}/api/v1/instances/{instance_id}/wake", headers=self._auth(), timeout=30)
             response.raise_for_status()
