@@ -12,19 +12,13 @@ import time
 from pathlib import Path
 
 import click
-from rich.bar import Bar
-from rich.console import Console
-from rich.table import Table
 
 from dumont_cli import __version__
 from dumont_cli.client import Api, CliError
 from dumont_cli.config import ConfigDir, default_config_dir
-from dumont_cli.progress import Follower, human_bytes
+from dumont_cli.output import err, out
 from dumont_cli.sshproxy import host_alias, include_in, proxy, ssh_config_text, ssh_options
 
-# soft_wrap: a long line (an ssh command, an event) stays one line, for copy-paste and for logs
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 GONE = {"failed", "destroying", "destroyed"}
 BANDS = {"excellent": "green", "good": "cyan", "fair": "yellow", "poor": "red", "unknown": "dim"}
 
@@ -60,12 +54,26 @@ wait_option = click.option("--wait/--no-wait", default=True, show_default=True,
                            help="Wait (showing progress) until it is done, or return at once.")
 
 
+def human_bytes(count: float) -> str:
+    from dumont_cli.progress import human_bytes
+
+    return human_bytes(count)
+
+
+def new_table(*columns: str, **options):
+    from rich.table import Table
+
+    return Table(*columns, **options)
+
+
 def emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
 def follow(api: Api, instance: dict, *, until: set[str], fails: set[str] = frozenset(), title: str,
            errors_fail: bool = False, settle=None) -> dict:
+    from dumont_cli.progress import Follower
+
     Follower(api, instance).wait(until=until, fails=(GONE - until) | set(fails), console=err, title=title,
                                  errors_fail=errors_fail, settle=settle)
     return api.get(f"/api/v1/instances/{instance['id']}")
@@ -132,7 +140,7 @@ def offers(state: State, gpu_name, num_gpus, max_price, region, as_json):
     data = state.api.get("/api/v1/offers", gpu_name=gpu_name, num_gpus=num_gpus, max_price=max_price, region=region)
     if as_json:
         return emit_json(data)
-    table = Table("provider", "GPU", "n", "$/h", "region", "host", "reliability", "success", "tries")
+    table = new_table("provider", "GPU", "n", "$/h", "region", "host", "reliability", "success", "tries")
     for offer in data["offers"]:
         band = offer["reliability_band"]
         rate = offer["success_rate"]
@@ -189,7 +197,7 @@ def list_instances(state: State, show_all, as_json):
     instances = [i for i in state.api.all_pages("/api/v1/instances") if show_all or i["status"] != "destroyed"]
     if as_json:
         return emit_json(instances)
-    table = Table("name", "id", "status", "GPU", "$/h", "ssh", "since")
+    table = new_table("name", "id", "status", "GPU", "$/h", "ssh", "since")
     for i in instances:
         ssh = i.get("ssh") or {}
         table.add_row(i["name"], str(i["id"]), i["status"], i["gpu_name"] or "any",
@@ -356,7 +364,7 @@ def snapshots(state: State, name, as_json):
     rows = state.api.all_pages("/api/v1/snapshots", instance=state.api.instance(name)["id"])
     if as_json:
         return emit_json(rows)
-    table = Table("id", "status", "reason", "size", "files", "seconds", "created")
+    table = new_table("id", "status", "reason", "size", "files", "seconds", "created")
     for s in rows:
         table.add_row(str(s["id"]), s["status"], s["reason"], human_bytes(s["size_bytes"] or 0),
                       str(s["file_count"] or ""), str(s["duration_seconds"] or ""), s["created_at"][:19])
@@ -420,7 +428,7 @@ def standby_status(state: State, as_json):
     if as_json:
         return emit_json(data)
     out.print(f"standby {'enabled' if data['enabled'] else 'disabled'}")
-    table = Table("name", "status", "standby", "machine", "last sync", "lag (s)")
+    table = new_table("name", "status", "standby", "machine", "last sync", "lag (s)")
     for row in data["instances"]:
         machine = row["standby"] or {}
         table.add_row(row["name"], row["status"], machine.get("status", "-"),
@@ -464,14 +472,16 @@ def savings(state: State, days, as_json):
     if as_json:
         return emit_json(data)
     totals = data["totals"]
-    table = Table("hours hibernated", "gross", "storage", "race", "net", "projected month", title=f"last {days} days")
+    table = new_table("hours hibernated", "gross", "storage", "race", "net", "projected month", title=f"last {days} days")
     table.add_row(totals["hours_hibernated"], f"${totals['gross_savings']}", f"${totals['storage_cost']}",
                   f"${totals['race_cost']}", f"[bold green]${totals['net_savings']}[/]", f"${data['projected_month']}")
     out.print(table)
     daily = [(d["date"], float(d["net_savings"])) for d in data["daily"]]
     if daily:
+        from rich.bar import Bar
+
         top = max([abs(v) for _, v in daily] + [1e-9])
-        chart = Table("day", "net saved", "", box=None, title="daily net savings")
+        chart = new_table("day", "net saved", "", box=None, title="daily net savings")
         for day, value in daily:
             chart.add_row(day, f"${value:.2f}", Bar(size=top, begin=0, end=max(value, 0), width=40, color="green"))
         out.print(chart)
@@ -500,7 +510,7 @@ def ssh_key_ls(state: State, as_json):
     keys = state.api.all_pages("/api/v1/ssh-keys")
     if as_json:
         return emit_json(keys)
-    table = Table("id", "name", "fingerprint", "added")
+    table = new_table("id", "name", "fingerprint", "added")
     for key in keys:
         table.add_row(str(key["id"]), key["name"], key["fingerprint"], key["created_at"][:19])
     out.print(table)

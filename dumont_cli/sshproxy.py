@@ -15,11 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-from rich.console import Console
-
 from dumont_cli.client import Api, ApiError, CliError
 from dumont_cli.config import ConfigDir, write_private
-from dumont_cli.progress import Follower
+from dumont_cli.output import err
 
 ALIAS_PREFIX = "dumont-"
 CONNECTABLE = {"running", "failover", "failback"}  # the `ssh` endpoint is the GPU machine or the standby
@@ -101,7 +99,7 @@ def pin_host_key(config: ConfigDir, alias: str, host_key: str) -> None:
             write_private(config.known_hosts, "\n".join([*kept, wanted]) + "\n")
 
 
-def instance_reachable(api: Api, name: str, console: Console) -> dict:
+def instance_reachable(api: Api, name: str, console) -> dict:
     """The instance, once it runs: hibernated -> wake, paused -> resume, passing states -> wait.
     A running instance costs exactly one API call."""
     instance = api.instance(name)
@@ -122,6 +120,8 @@ def instance_reachable(api: Api, name: str, console: Console) -> dict:
             until |= {"hibernated", "paused"}
         else:
             raise CliError(f"{name} is {status}: nothing to connect to ({instance.get('status_reason') or ''})")
+        from dumont_cli.progress import Follower
+
         Follower(api, instance).wait(until=until, fails=fails, console=console, title=name,
                                      errors_fail=status == "paused")
         instance = api.instance(name)
@@ -144,9 +144,8 @@ def join(sock: socket.socket) -> None:
 
 
 def proxy(api: Api, config: ConfigDir, name: str) -> None:
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
     name = name.removeprefix(ALIAS_PREFIX)
-    instance = instance_reachable(api, name, console)
+    instance = instance_reachable(api, name, err)
     endpoint = instance["ssh"]
     pin_host_key(config, host_alias(name), endpoint["host_key"])
     try:

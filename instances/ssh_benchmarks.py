@@ -95,7 +95,6 @@ class WakeOnSSHBenchmark(Benchmark):
         self.stdout.write(f"workspace {size_mb} MB, marketplace time scale {market.control.state()['time_scale']}")
 
         # the proxy's extra latency on a running instance: the same ssh, direct and through `dumont proxy`
-        session.timed_ssh(session.proxy_args(name))  # once first: it pins the host key the direct ssh uses
         direct, proxied = [], []
         for _ in range(runs):
             direct.append(session.timed_ssh(session.direct_args(name)))
@@ -157,10 +156,11 @@ class _Session:
         return ["ssh", "-F", str(self.tmp / "ssh_config"), *self._identity(), f"dumont-{name}", "true"]
 
     def direct_args(self, name: str) -> list[str]:
-        """The same ssh without the proxy: the port from the API, the same pinned key, no config file."""
+        """The same ssh without the proxy: endpoint and pinned host key from the API, no config file."""
         ssh = requests.get(f"{self.url}/api/v1/instances", params={"name": name}, headers=self._auth(),
                            timeout=30).json()["results"][0]["ssh"]
-        known = self.tmp / "cli" / "known_hosts"
+        known = self.tmp / "api_known_hosts"
+        known.write_text(f"dumont-{name} {ssh['host_key']}\n")
         return ["ssh", "-F", "/dev/null", *self._identity(), "-o", f"UserKnownHostsFile={known}",
                 "-o", "StrictHostKeyChecking=yes", "-o", f"HostKeyAlias=dumont-{name}", "-p", str(ssh["port"]),
                 f"{ssh['user']}@{ssh['host']}", "true"]
