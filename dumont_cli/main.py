@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -556,9 +555,7 @@ def ssh(state: State, name, identity, command):
         args += ["-l", user]
     if identity:
         args += ["-i", str(identity), "-o", "IdentitiesOnly=yes"]
-    args.append(host_alias(instance["name"]))
-    if command:
-        args.append(shlex.join(command))
+    args += [host_alias(instance["name"]), *command]  # as ssh itself: the remote shell reads the command
     sys.stdout.flush()
     os.execvp("ssh", args)  # noqa: S606 (ssh replaces us: its terminal, its exit code)
 

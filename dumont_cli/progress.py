@@ -60,7 +60,8 @@ class ProgressView:
             message = (f"restored {human_bytes(size)} in {data['duration_seconds']:.1f}s"
                        + (f" ({data['mb_per_second']} MB/s)" if data.get("mb_per_second") else ""))
         elif kind == "restore" and "size_bytes" in data:
-            self.phase = f"restoring {human_bytes(data['size_bytes'])} from the latest snapshot"
+            self.phase = f"restoring {human_bytes(data['size_bytes'])} from the snapshot"
+            message = f"{message}: {human_bytes(data['size_bytes'])} to restore"
         elif kind == "snapshot" and "percent" in data:
             done = data.get("bytes_done") or 0
             self.phase = f"snapshot: {data['percent']:.0f}%" + (f", {human_bytes(done)}" if done else "")

@@ -103,7 +103,7 @@ class WakeOnSSHBenchmark(Benchmark):
         self.stdout.write(f"ssh ... true to a running instance, median of {runs}: direct {d * 1000:.0f} ms, "
                           f"through dumont proxy {p * 1000:.0f} ms: +{(p - d) * 1000:.0f} ms")
 
-        header = f"{'':16}{'request':>8}{'queue':>7}{'race':>7}{'restore':>8}{'agent':>7}{'-> ssh ran':>11}{'total':>8}"
+        header = f"{'':20}{'request':>8}{'queue':>7}{'race':>7}{'restore':>8}{'agent':>7}{'-> ssh ran':>11}{'total':>8}"
         rows = []
         for n in range(1, wakes + 1):
             for how in ("ssh dumont-NAME", "API + ssh"):
@@ -111,7 +111,7 @@ class WakeOnSSHBenchmark(Benchmark):
                 rows.append((f"{how} #{n}", session.wake(instance.pk, name, through_ssh=how.startswith("ssh"))))
         self.stdout.write(header)
         for label, split in rows:
-            self.stdout.write(f"{label:<16}" + "".join(f"{split[k]:>{w}.1f}s" for k, w in (
+            self.stdout.write(f"{label:<20}" + "".join(f"{split[k]:>{w}.1f}s" for k, w in (
                 ("request", 7), ("queue", 6), ("race", 6), ("restore", 7), ("agent", 6), ("ssh", 10), ("total", 7))))
         for how in ("ssh dumont-NAME", "API + ssh"):
             totals = [split["total"] for label, split in rows if label.startswith(how)]

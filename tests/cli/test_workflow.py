@@ -119,9 +119,10 @@ def test_up_ssh_hibernate_then_ssh_wakes_it_with_the_files_intact(stack, cli_env
 
 def test_a_host_key_other_than_the_pinned_one_is_refused(stack, cli_env, tmp_path):
     env, key = cli_env
-    dumont("up", "key-1", "--gpu", "KEY", env=env)
     config = tmp_path / "ssh_config"
-    config.write_text(dumont("ssh-config", env=env).stdout)
+    config.write_text(dumont("ssh-config", env=env).stdout)  # before the instance exists: its `dumont-*` block
+    assert "Host dumont-key-1" not in config.read_text()
+    dumont("up", "key-1", "--gpu", "KEY", env=env)
     assert ssh(config, key, "dumont-key-1", "true").returncode == 0
     known_hosts = (tmp_path / "config" / "known_hosts").read_text()
     instance = Instance.objects.get(name="key-1")
@@ -160,3 +161,32 @@ def test_up_under_a_terminal_shows_the_live_race_and_ends_cleanly(stack, cli_env
     assert re.search(r"│ 1 +│ 90[34] .*│ won", text) and re.search(r"│ 1 +│ 90[34] .*│ destroyed \(lost\)", text), text
     assert text.rstrip().splitlines()[-1].startswith("tty-1 is running: ssh dumont-tty-1")
     dumont("down", "tty-1", env=env)
+
+
+def test_snapshot_restore_keep_awake_pause_then_ssh_resumes_it(stack, cli_env, tmp_path):
+    env, key = cli_env
+    dumont("up", "ops-1", "--gpu", "OPS", env=env)
+    workspace = workspace_of(stack, "ops-1")
+    (workspace / "model.txt").write_text("epoch 1\n")
+
+    assert "ops-1 kept awake until" in dumont("keep-awake", "ops-1", "2h", env=env).stdout
+    taken = dumont("snapshot", "ops-1", env=env).stdout
+    snapshot_id = re.match(r"snapshot (\d+) verified", taken)[1]
+    (workspace / "model.txt").write_text("epoch 2, diverged\n")
+    assert re.match(r"restore \d+ succeeded", dumont("restore", snapshot_id, "ops-1", env=env).stdout)
+    assert (workspace / "model.txt").read_text() == "epoch 1\n"
+    kinds = [json.loads(line)["kind"] for line in dumont("events", "ops-1", "--json", env=env).stdout.splitlines()]
+    assert {"race", "snapshot", "restore"} <= set(kinds)
+
+    # `dumont ssh NAME -- cmd` runs a command (through the proxy)
+    ran = dumont("ssh", "ops-1", "-i", str(key), "--", "cat", "$DUMONT_WORKSPACE/model.txt", env=env)
+    assert ran.stdout == "epoch 1\n"
+
+    assert "ops-1 is paused" in dumont("pause", "ops-1", env=env).stdout
+    config = tmp_path / "ssh_config"
+    config.write_text(dumont("ssh-config", env=env).stdout)
+    resumed = ssh(config, key, "dumont-ops-1", "echo awake")
+    assert resumed.returncode == 0 and resumed.stdout == "awake\n", resumed.stderr
+    assert "is paused: resume" in resumed.stderr
+    assert json.loads(dumont("status", "ops-1", "--json", env=env).stdout)["status"] == "running"
+    dumont("down", "ops-1", env=env)
