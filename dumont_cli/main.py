@@ -73,7 +73,7 @@ def follow(api: Api, instance: dict, *, until: set[str], fails: set[str] = froze
            errors_fail: bool = False, settle=None) -> dict:
     from dumont_cli.progress import Follower
 
-    Follower(api, instance).wait(until=until, fails=(GONE - until) | set(fails), console=err, title=title,
+    Follower(api, instance).wait(until=until, fails=(GONE - until) | set(fails), console=err.real, title=title,
                                  errors_fail=errors_fail, settle=settle)
     return api.get(f"/api/v1/instances/{instance['id']}")
 
@@ -371,7 +371,7 @@ def snapshots(state: State, name, as_json):
 
 
 def _poll(state: State, path: str, done: set[str], what: str) -> dict:
-    with err.status(what) as spinner:
+    with err.real.status(what) as spinner:
         while (row := state.api.get(path))["status"] not in done:
             progress = row.get("progress") or {}
             if progress.get("percent") is not None:

@@ -11,13 +11,18 @@ class LazyConsole:
         self._options = options
         self._console = None
 
-    def __getattr__(self, name: str) -> Any:
+    @property
+    def real(self):
+        """The Console itself (what Rich's Live and status need)."""
         if self._console is None:
             from rich.console import Console
 
             # soft_wrap: a long line (an ssh command, an event) stays one line, for copy-paste and for logs
             self._console = Console(highlight=False, soft_wrap=True, **self._options)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 out = LazyConsole()

@@ -99,7 +99,7 @@ def pin_host_key(config: ConfigDir, alias: str, host_key: str) -> None:
             write_private(config.known_hosts, "\n".join([*kept, wanted]) + "\n")
 
 
-def instance_reachable(api: Api, name: str, console) -> dict:
+def instance_reachable(api: Api, name: str) -> dict:
     """The instance, once it runs: hibernated -> wake, paused -> resume, passing states -> wait.
     A running instance costs exactly one API call."""
     instance = api.instance(name)
@@ -107,7 +107,7 @@ def instance_reachable(api: Api, name: str, console) -> dict:
         status, until, fails = instance["status"], set(CONNECTABLE), set(GONE)
         if status in ("hibernated", "paused"):
             action = "wake" if status == "hibernated" else "resume"
-            console.print(f"dumont: {name} is {status}: {action} (progress below)")
+            err.print(f"dumont: {name} is {status}: {action} (progress below)")
             try:
                 instance = api.post(f"/api/v1/instances/{instance['id']}/{action}")
             except ApiError as exc:
@@ -122,11 +122,11 @@ def instance_reachable(api: Api, name: str, console) -> dict:
             raise CliError(f"{name} is {status}: nothing to connect to ({instance.get('status_reason') or ''})")
         from dumont_cli.progress import Follower
 
-        Follower(api, instance).wait(until=until, fails=fails, console=console, title=name,
+        Follower(api, instance).wait(until=until, fails=fails, console=err.real, title=name,
                                      errors_fail=status == "paused")
         instance = api.instance(name)
         if instance["status"] in CONNECTABLE:
-            console.print(f"dumont: {name} is {instance['status']}; connecting")
+            err.print(f"dumont: {name} is {instance['status']}; connecting")
     return instance
 
 
@@ -145,7 +145,7 @@ def join(sock: socket.socket) -> None:
 
 def proxy(api: Api, config: ConfigDir, name: str) -> None:
     name = name.removeprefix(ALIAS_PREFIX)
-    instance = instance_reachable(api, name, err)
+    instance = instance_reachable(api, name)
     endpoint = instance["ssh"]
     pin_host_key(config, host_alias(name), endpoint["host_key"])
     try:
