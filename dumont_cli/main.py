@@ -16,7 +16,7 @@ from dumont_cli import __version__
 from dumont_cli.client import Api, CliError
 from dumont_cli.config import ConfigDir, default_config_dir
 from dumont_cli.output import err, out
-from dumont_cli.sshproxy import host_alias, include_in, proxy, ssh_config_text, ssh_options
+from dumont_cli.sshproxy import host_alias, include_in, proxy, ssh_config_text, ssh_options, ssh_user
 
 GONE = {"failed", "destroying", "destroyed"}
 BANDS = {"excellent": "green", "good": "cyan", "fair": "yellow", "poor": "red", "unknown": "dim"}
@@ -550,8 +550,7 @@ def ssh(state: State, name, identity, command):
     args = ["ssh"]
     for key, value in ssh_options(state.config, instance["name"]).items():
         args += ["-o", f"{key}={value}"]
-    user = (instance.get("ssh") or {}).get("user") or (instance.get("machine") or {}).get("ssh_user")
-    if user:
+    if user := ssh_user(instance):
         args += ["-l", user]
     if identity:
         args += ["-i", str(identity), "-o", "IdentitiesOnly=yes"]

@@ -56,12 +56,20 @@ def ssh_options(config: ConfigDir, name: str | None) -> dict[str, str]:
     }
 
 
+def ssh_user(instance: dict) -> str | None:
+    """Who to log in as: the machine's user, kept while the instance hibernates (none before a first launch)."""
+    if instance.get("ssh"):
+        return instance["ssh"]["user"]
+    if instance["status"] in ("pending", "launching", "failed"):
+        return None
+    return instance.get("ssh_user") or None
+
+
 def ssh_config_text(config: ConfigDir, instances: list[dict]) -> str:
     lines = ["# Written by `dumont ssh-config`: every instance is `ssh dumont-NAME`, in any state", ""]
     for instance in instances:
         lines.append(f"Host {host_alias(instance['name'])}")
-        user = (instance.get("ssh") or {}).get("user") or (instance.get("machine") or {}).get("ssh_user")
-        if user:
+        if user := ssh_user(instance):
             lines.append(f"    User {user}")
         lines += [f"    {key} {value}" for key, value in ssh_options(config, instance["name"]).items() if value]
         lines.append("")

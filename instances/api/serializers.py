@@ -59,7 +59,7 @@ class InstanceSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "provider", "provider_account", "gpu_name", "num_gpus", "max_price_per_hour",
             "disk_gb", "image", "region", "interruptible", "status", "status_reason", "status_changed_at",
-            "machine", "ssh", "keep_awake_until", "last_event_id", "created_at", "updated_at",
+            "machine", "ssh", "ssh_user", "keep_awake_until", "last_event_id", "created_at", "updated_at",
         ]
         read_only_fields = fields
 

@@ -151,6 +151,10 @@ def test_listings_print_json_for_scripts(server, user, other_user, env):
     assert json.loads(dumont("standby", "status", "--json", env=env).stdout)["enabled"] is False
     offers = json.loads(dumont("offers", "--json", env=env).stdout)
     assert set(offers) == {"offers", "errors"}
+    config = dumont("ssh-config", env=env).stdout
+    assert "Host dumont-alpha\n    User root\n    ProxyCommand " in config  # asleep: its user is kept
+    assert "proxy alpha\n    HostKeyAlias dumont-alpha\n" in config and "Host dumont-*\n" in config
+    assert "dumont-gone" not in config and "not-mine" not in config
     chart = dumont("savings", "--days", "7", env=env).stdout
     assert "daily net savings" in chart and f"{savings['daily'][1]['date']}  $9.60" in chart
 

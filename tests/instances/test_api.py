@@ -121,6 +121,7 @@ def test_list_finds_an_instance_by_its_exact_name_only_among_the_owners(user, ot
     make_instance(other_user, name="train", status=Status.RUNNING)
     body = api.get("/api/v1/instances?name=train").json()
     assert [i["id"] for i in body["results"]] == [live.pk, destroyed.pk]
+    assert body["results"][0]["ssh_user"] == "root" and body["results"][0]["ssh"] is None  # kept while asleep
 
 
 def test_instances_carry_their_latest_event_id_to_follow_from(user, api):
