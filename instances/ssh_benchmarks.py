@@ -109,11 +109,11 @@ class WakeOnSSHBenchmark(Benchmark):
             for how in ("ssh dumont-NAME", "API + ssh"):
                 session.cli("hibernate", name)
                 rows.append((f"{how} #{n}", session.wake(instance.pk, name, through_ssh=how.startswith("ssh"))))
-        self.stdout.write(header)
+        self.stdout.write(header if rows else "")
         for label, split in rows:
             self.stdout.write(f"{label:<20}" + "".join(f"{split[k]:>{w}.1f}s" for k, w in (
                 ("request", 7), ("queue", 6), ("race", 6), ("restore", 7), ("agent", 6), ("ssh", 10), ("total", 7))))
-        for how in ("ssh dumont-NAME", "API + ssh"):
+        for how in ("ssh dumont-NAME", "API + ssh") if rows else ():
             totals = [split["total"] for label, split in rows if label.startswith(how)]
             self.stdout.write(f"median total, {how}: {statistics.median(totals):.1f}s")
 

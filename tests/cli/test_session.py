@@ -123,6 +123,9 @@ def test_wrong_password_and_api_errors_are_one_line_and_exit_1(server, user, env
     invalid = dumont("up", "no spaces", "--no-wait", env=env, check=False)
     assert invalid.returncode == 1 and invalid.stderr.count("\n") == 1
     assert "name: Letters, digits, '.', '_' and '-' only." in invalid.stderr
+    no_standby = dumont("failover", "busy", env=env, check=False)
+    assert (no_standby.returncode, no_standby.stderr) == (
+        1, "Error: This instance has no standby with a mirror yet; enable standby and wait for its first sync.\n")
     missing = dumont("status", "ghost", env=env, check=False)
     assert (missing.returncode, missing.stderr) == (1, "Error: no instance named 'ghost'\n")
 
@@ -148,6 +151,11 @@ def test_listings_print_json_for_scripts(server, user, other_user, env):
     savings = json.loads(dumont("savings", "--days", "7", "--json", env=env).stdout)
     assert savings["days"] == 7 and len(savings["daily"]) == 3
     assert 19.0 < float(savings["totals"]["net_savings"]) < 19.3  # 48 h x $0.40
+    assert json.loads(dumont("standby", "status", "--json", env=env).stdout)["enabled"] is False
+    assert "standby enabled: local" in dumont("standby", "enable", "--provider", "local", "--sync-interval", "120",
+                                              env=env).stdout
+    assert json.loads(dumont("standby", "status", "--json", env=env).stdout)["enabled"] is True
+    dumont("standby", "disable", env=env)
     assert json.loads(dumont("standby", "status", "--json", env=env).stdout)["enabled"] is False
     offers = json.loads(dumont("offers", "--json", env=env).stdout)
     assert set(offers) == {"offers", "errors"}
