@@ -35,7 +35,6 @@ from dumont.core.management.commands.benchmark import Benchmark
 from instances import lifecycle
 from instances.models import Instance
 from instances.race import RaceConfig, race_run
-from instances.ssh_benchmarks import WakeOnSSHBenchmark
 from instances.states import Status, transition
 from machines.keys import control_plane_key_path, control_plane_public_key
 from machines.models import MachineAttempt, MachineBlacklist, MachineStats
@@ -430,5 +429,4 @@ def time_scale_of(market) -> float:
     return market.control.state()["time_scale"]
 
 
-BENCHMARKS = {"race": RaceBenchmark, "wake": WakeBenchmark, "failover": FailoverBenchmark,
-              "wake-ssh": WakeOnSSHBenchmark}
+BENCHMARKS = {"race": RaceBenchmark, "wake": WakeBenchmark, "failover": FailoverBenchmark}

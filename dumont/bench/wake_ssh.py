@@ -42,11 +42,12 @@ class WakeOnSSHBenchmark(Benchmark):
                                                             "ssh printed into this directory")
 
     def run(self, *, size_mb, wakes, runs, time_scale, transcript=None, **_):
+        from machines.providers.local.testing import running_marketplace
+
         from dumont import processes
+        from dumont.bench.instances import clean_up
         from dumont.celery import app
         from dumont.s3server import Credentials, start_s3_server
-        from instances.benchmarks import clean_up
-        from machines.providers.local.testing import running_marketplace
 
         with tempfile.TemporaryDirectory(prefix="bench-wake-ssh-") as tmp_name:
             tmp = Path(tmp_name)
@@ -207,3 +208,6 @@ class _Session:
                 status__in=["destroyed", "failed", "destroying"]):
             with contextlib.suppress(RuntimeError):
                 self.cli("down", instance.name)
+
+
+BENCHMARKS = {"wake-ssh": WakeOnSSHBenchmark}
