@@ -1,9 +1,13 @@
 # Two commands: `make run` (the whole system, embedded services by default) and `make test`.
+# Both first run the preflight (dumont/preflight.py): the OS tools the code runs, installed with apt when
+# allowed (root or passwordless sudo), else one message saying exactly what to install.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# the preflight runs before the virtualenv exists: any Python 3 will do
+SYSTEM_PYTHON := $(shell command -v $(PYTHON) || command -v python3)
 
-.PHONY: run test lint check venv clean
+.PHONY: run test lint check venv clean preflight-run preflight-test
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -13,10 +17,17 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-run: venv
-	$(PY) -m dumont.devrun
+preflight-run:
+	@$(SYSTEM_PYTHON) dumont/preflight.py run --python $(PYTHON) --venv $(VENV)
 
-test: venv
+preflight-test:
+	@$(SYSTEM_PYTHON) dumont/preflight.py test --python $(PYTHON) --venv $(VENV)
+
+# `make run ARGS=--verbose` shows every task and request (or set LOG_LEVEL=DEBUG)
+run: preflight-run venv
+	$(PY) -m dumont.devrun $(ARGS)
+
+test: preflight-test venv
 	$(PY) -m pytest
 
 lint: venv

@@ -183,7 +183,10 @@ class _Race:
                     return self._give_up(
                         "no offer matches the request" if round_no == 1 else "no more offers to try"
                     )
-            self._poll()
+            platform_fault = self._poll()
+            if platform_fault:
+                # the provider cannot boot any machine (sshd missing, ...): renting more would fail the same way
+                return self._give_up(platform_fault, outcome=Outcome.ABANDONED)
             ready = self._wait(cfg.poll_interval)
             if ready is not None:
                 self._declare_winner(*ready)
@@ -318,13 +321,14 @@ class _Race:
             log.warning("race %s: listing machines failed: %s", self.instance.pk, exc)
             return None
 
-    def _poll(self) -> None:
+    def _poll(self) -> str | None:
+        """Watch the live machines; returns the provider's message when a failure was its own platform's."""
         live = self._live()
         if not live:
-            return
+            return None
         machines = self._list_machines()
         if machines is None:
-            return  # a passing provider error: the next poll tries again
+            return None  # a passing provider error: the next poll tries again
         now = timezone.now()
         for attempt in live:
             if attempt.pk in self.checked:
@@ -335,14 +339,22 @@ class _Race:
                 if age > LIST_GRACE_SECONDS:
                     self._finish(attempt, Outcome.PROVIDER_ERROR, Stage.BOOT, "machine vanished from the provider")
             elif machine.status == STATUS_FAILED:
-                self._destroy_and_finish(attempt, Outcome.FAILED_STATUS, Stage.BOOT,
-                                         f"provider reports {machine.raw_status}")
+                detail = f"provider reports {machine.raw_status}" + (
+                    f": {machine.status_message}" if machine.status_message else "")
+                if machine.platform_fault:  # not the host's fault: never counted against it
+                    self._destroy_and_finish(attempt, Outcome.ABANDONED, Stage.BOOT, detail)
+                    self._event(InstanceEvent.Kind.ATTEMPT, f"{attempt.host_id}: {detail}",
+                                {"attempt": attempt.pk, "round": attempt.round, "outcome": Outcome.ABANDONED,
+                                 "stage": Stage.BOOT, "platform_fault": True})
+                    return machine.status_message or detail
+                self._destroy_and_finish(attempt, Outcome.FAILED_STATUS, Stage.BOOT, detail)
             elif machine.ssh_ready:
                 self.checked.add(attempt.pk)
                 self.checking[self.pool.submit(self._ssh_check, machine)] = attempt
             elif age > self.config.machine_timeout:
                 self._destroy_and_finish(attempt, Outcome.BOOT_TIMEOUT, Stage.BOOT,
                                          f"not running after {age:.0f}s ({machine.raw_status})")
+        return None
 
     def _ssh_check(self, machine: ProviderInstance) -> SSHReady:
         """Runs in a thread: the first command answered over SSH, with the host key pinned at first contact."""
@@ -427,8 +439,8 @@ class _Race:
         )
         self._update_stats()
 
-    def _give_up(self, reason: str) -> str:
-        self._end_everything(Outcome.BOOT_TIMEOUT, reason)
+    def _give_up(self, reason: str, *, outcome: str = Outcome.BOOT_TIMEOUT) -> str:
+        self._end_everything(outcome, reason)
         self._fail(reason)
         return "failed"
 

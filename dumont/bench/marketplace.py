@@ -70,6 +70,7 @@ def running_marketplace(
     catalogue: Path | str | None = None,
     seed: int | None = None,
     start_timeout: float = 30,
+    env: dict[str, str] | None = None,
 ) -> Iterator[MarketplaceHandle]:
     state_dir = Path(tmp_dir).resolve() / "marketplace"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def running_marketplace(
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )  # fmt: skip
     handle: MarketplaceHandle | None = None
     try:

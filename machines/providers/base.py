@@ -81,6 +81,9 @@ class ProviderInstance:
     gpu_util: float | None = None
     started_at: float | None = None  # unix time the provider reports the machine started
     status_message: str | None = None
+    # the provider says the failure is its own platform's, not the host's (the local marketplace could not
+    # start sshd, ...): every other machine would fail the same way, so a race stops instead of renting more
+    platform_fault: bool = False
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property

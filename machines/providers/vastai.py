@@ -284,6 +284,7 @@ class VastAIProvider(Provider):
             gpu_util=gpu_util,
             started_at=_float(raw.get("start_date")),
             status_message=raw.get("status_msg"),
+            platform_fault=bool(raw.get("platform_fault")),  # extension field of the local marketplace
             raw=raw,
         )
 

@@ -56,9 +56,11 @@ def stack_base(request, django_db_setup, tmp_path_factory):
     module_settings = getattr(request.module, "STACK_SETTINGS", {})
     services = getattr(request.module, "STACK_SERVICES", set())
     catalogue = getattr(request.module, "STACK_CATALOGUE", CATALOGUES / "race.yaml")
+    market_env = getattr(request.module, "STACK_MARKET_ENV", {})  # the marketplace process's environment
     tmp = tmp_path_factory.mktemp("stack")
     with contextlib.ExitStack() as stack:
-        market = stack.enter_context(running_marketplace(tmp, time_scale=1.0, catalogue=catalogue))
+        market = stack.enter_context(running_marketplace(tmp, time_scale=1.0, catalogue=catalogue,
+                                                        env=market_env))
         overrides = {
             "LOCAL_MARKETPLACE_ENABLED": True,
             "LOCAL_MARKETPLACE_URL": market.url,

@@ -98,6 +98,7 @@ class Rental:
     ssh_port: int | None = None
     host_key: str | None = None
     status_msg: str = ""
+    platform_fault: bool = False  # the boot failed for a reason of this marketplace's, not the host's
 
     @property
     def dir(self) -> Path:
@@ -536,11 +537,14 @@ class Marketplace:
                     self._save(r)
                 log.info("machine %s running on port %s", rental_id, r.ssh_port)
         except Exception as exc:
-            log.exception("boot of %s failed", rental_id)
+            # sshd missing or crashing, no free port, a full disk: this machine's environment, not the host's
+            # fate, so every other machine would fail the same way; the message says what to fix
+            log.error("machine %s could not boot: %s", rental_id, exc)
             with self._lock:
                 r = self._rentals[rental_id]
                 if r.status == "loading":
-                    r.status, r.status_msg = "exited", f"boot failed: {exc}"
+                    r.status, r.platform_fault = "exited", True
+                    r.status_msg = f"the local marketplace could not boot the machine: {exc}"
                     self._save(r)
         finally:
             rt.booting = False
@@ -607,6 +611,8 @@ class Marketplace:
                         r.dir, port=port, authorized_keys=r.dir / "home" / ".ssh" / "authorized_keys", env=env
                     )
                     break
+                except sshd.SshdMissing:
+                    raise  # no other port will help
                 except sshd.SshdError:
                     if attempt == 2:
                         raise
@@ -686,6 +692,7 @@ class Marketplace:
             "cur_state": "running" if r.status in ("loading", "running") else "stopped",
             "next_state": r.intended_status,
             "status_msg": r.status_msg,
+            "platform_fault": r.platform_fault,
             "image_uuid": r.image,
             "disk_space": r.disk_gb,
             "gpu_name": host.gpu_name if host else None,

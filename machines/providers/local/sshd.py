@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,13 +20,30 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-SSHD_BINARY = "/usr/sbin/sshd"
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # as dumont/preflight.py looks
+INSTALL_HINT = "install openssh-server (sudo apt-get install -y openssh-server), or run `make run`, whose preflight does"
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class SshdError(RuntimeError):
     """sshd did not come up (bad config, port taken, ...). The message carries sshd's own log."""
+
+
+class SshdMissing(SshdError):
+    """No sshd on this machine: no local machine can boot until it is installed."""
+
+
+def sshd_binary() -> str:
+    """sshd must be started by its absolute path (it re-executes itself). DUMONT_SSHD_BINARY overrides."""
+    configured = os.environ.get("DUMONT_SSHD_BINARY")
+    if configured:
+        return configured
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d] + list(SBIN_DIRS)
+    found = shutil.which("sshd", path=os.pathsep.join(dirs))
+    if found is None:
+        raise SshdMissing(f"sshd is not installed on the marketplace's machine: {INSTALL_HINT}")
+    return str(Path(found).resolve())
 
 
 def free_port() -> int:
@@ -144,18 +162,22 @@ def start_sshd(
         # The privilege-separation chroot; Debian creates it from a unit file we do not run.
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
 
+    binary = sshd_binary()
     log_path = machine_dir / "sshd.log"
     with open(log_path, "ab") as log:
         log_start = log.tell()
-        process = subprocess.Popen(
-            [SSHD_BINARY, "-D", "-e", "-f", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=machine_dir,
-            env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-            start_new_session=True,  # a Ctrl-C to the marketplace must not reach the machines' sshd
-        )
+        try:
+            process = subprocess.Popen(
+                [binary, "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=machine_dir,
+                env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+                start_new_session=True,  # a Ctrl-C to the marketplace must not reach the machines' sshd
+            )
+        except (FileNotFoundError, PermissionError) as exc:
+            raise SshdMissing(f"cannot run sshd ({exc}): {INSTALL_HINT}") from exc
     handle = SshdHandle(process, port, host_public_key, machine_dir)
     listening = f"Server listening on 127.0.0.1 port {port}."
     deadline = time.monotonic() + timeout
