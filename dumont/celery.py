@@ -3,10 +3,16 @@ code and django-celery-beat's DatabaseScheduler loads it into its tables at beat
 operators can see it (and pause an entry) in the admin."""
 
 import os
+import warnings
 
 from celery import Celery
+from celery.exceptions import SecurityWarning
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dumont.settings")
+if os.environ.get("DUMONT_QUIET_LOGGERS"):
+    # `make run` as root on a development machine: not worth Celery's 8-line warning at every start
+    # (`make run ARGS=--verbose` shows it)
+    warnings.filterwarnings("ignore", category=SecurityWarning)
 
 app = Celery("dumont")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -266,6 +266,10 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}, "paramiko": {"level": "WARNING"}},
 }
+# Loggers held at WARNING: `make run` names the routine ones here (each task run, beat tick, request) so that
+# a person reads warnings, errors and one line per instance status change (instances.states), not chatter.
+for _name in env.list("DUMONT_QUIET_LOGGERS", default=[]):
+    LOGGING["loggers"][_name] = {"level": "WARNING"}
 
 if PRODUCTION:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

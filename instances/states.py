@@ -7,6 +7,7 @@ racing for the same move produce one winner and one event.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.db import transaction
@@ -15,6 +16,8 @@ from django.utils import timezone
 from dumont.core.errors import Conflict
 from instances.choices import ACTIVE, HOLDS_MACHINE, KEEPS_STANDBY, TERMINAL, Status
 from instances.models import Instance, InstanceEvent, StandbyMachine
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ACTIVE", "HOLDS_MACHINE", "KEEPS_STANDBY", "TERMINAL", "TRANSITIONS", "IllegalTransition", "Status",
            "can_transition", "machine_assign", "transition", "MACHINE_FIELDS_CLEARED", "STANDBY_TRANSITIONS",
@@ -104,6 +107,9 @@ def transition(
             message=message or f"{current} -> {target}",
             data={"from": current, "to": target, **(data or {})},
         )
+        # the one log line per user-visible event (race won, hibernated, woke, failed, ...)
+        line = f"instance {instance_id} {instance.name!r}: {current} -> {target}" + (f": {message}" if message else "")
+        transaction.on_commit(lambda: log.info(line))
     return instance
 
 

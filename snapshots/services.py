@@ -48,7 +48,9 @@ def _no_events(kind: str, message: str, data: dict[str, Any]) -> None:
 def restic_binary() -> str:
     binary = settings.SNAPSHOT_RESTIC_BINARY or shutil.which("restic")
     if not binary:
-        raise restic.ResticError("no restic on the control plane: install it or set SNAPSHOT_RESTIC_BINARY")
+        # the preflight of `make run` installs it; a control plane started some other way may lack it
+        raise restic.ResticError("restic is not installed on the control plane: install it (sudo apt-get install "
+                                 "-y restic; macOS: brew install restic) or set SNAPSHOT_RESTIC_BINARY")
     return binary
 
 

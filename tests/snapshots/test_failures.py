@@ -130,3 +130,15 @@ def test_a_repository_whose_key_is_stored_is_never_initialized_twice(failing_mac
     snapshot = services.snapshot_take(owner=owner, instance_id=_running_instance(owner).pk,
                                       target=failing_machine.target)
     assert snapshot.status == Snapshot.Status.VERIFIED, snapshot.error
+
+
+def test_a_control_plane_without_restic_fails_the_snapshot_saying_how_to_install_it(failing_machine, settings,
+                                                                                      monkeypatch, tmp_path):
+    settings.SNAPSHOT_RESTIC_BINARY = ""
+    monkeypatch.setenv("PATH", str(tmp_path))  # restic out of sight, as on a machine that lacks it
+    owner = make_user()
+
+    snapshot = services.snapshot_take(owner=owner, instance_id=_running_instance(owner).pk,
+                                      target=failing_machine.target)
+
+    assert_failed(snapshot, "restic is not installed", "sudo apt-get install -y restic")

@@ -17,7 +17,8 @@ class Command(BaseCommand):
             username, password = username or "admin", password or "admin"
         user_model = get_user_model()
         if user_model.objects.filter(username=username).exists():
-            self.stdout.write(f"admin {username!r} exists")
+            hint = "" if settings.PRODUCTION or os.environ.get("DUMONT_ADMIN_PASSWORD") else " (password: admin unless changed)"
+            self.stdout.write(f"admin login: {username}{hint}")
             return
         user_model.objects.create_superuser(username=username, email="", password=password)
         # printed once, when created; never again
