@@ -1,8 +1,9 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.template.response import TemplateResponse
 from django.urls import path
 
-from instances import metrics
+from dumont.core.errors import DomainError
+from instances import metrics, services
 from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
 from machines.models import MachineAttempt
 
@@ -61,10 +62,27 @@ class InstanceAdmin(admin.ModelAdmin):
     search_fields = ["name", "owner__username", "owner__email", "provider_instance_id", "host_id"]
     list_select_related = ["owner"]
     inlines = [MachineAttemptInline, InstanceEventInline]
+    actions = ["hibernate_selected"]
     # status changes only through the state machine (services), never by editing the row
     readonly_fields = ["status", "status_reason", "status_changed_at", "provider_instance_id", "host_id",
                        "ssh_host", "ssh_port", "ssh_user", "ssh_host_key", "price_per_hour",
                        "machine_started_at", "created_at", "updated_at"]
+
+    @admin.action(description="Hibernate selected instances (verified snapshot, then the machine is destroyed)")
+    def hibernate_selected(self, request, queryset):
+        """The same request as POST /api/v1/instances/{id}/hibernate, for each instance that can hibernate."""
+        requested, refused = [], []
+        for instance in queryset.order_by("pk"):
+            try:
+                services.instance_hibernate_request(instance=instance)
+                requested.append(instance.name)
+            except DomainError as exc:
+                refused.append(f"{instance.name}: {exc.detail}")
+        if requested:
+            self.message_user(request, f"hibernation requested for {len(requested)}: {', '.join(requested)}",
+                              messages.SUCCESS)
+        if refused:
+            self.message_user(request, f"not hibernated: {'; '.join(refused)}", messages.WARNING)
 
 
 @admin.register(InstanceEvent)

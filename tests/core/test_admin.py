@@ -41,3 +41,17 @@ def test_savings_page_renders_with_the_vendored_chart(operator):
     assert response.status_code == 200
     html = response.content.decode()
     assert "chart-4.6.1.umd.min.js" in html and "Net savings" in html and "cdn" not in html.lower()
+
+
+def test_the_hibernate_action_requests_a_hibernation_and_refuses_what_cannot_hibernate(operator, settings):
+    owner = make_user()
+    running = make_instance(owner, status="running", name="busy-box")
+    gone = make_instance(owner, status="destroyed", name="gone-box")
+    url = reverse("admin:instances_instance_changelist")
+    response = operator.post(url, {"action": "hibernate_selected", "_selected_action": [running.pk, gone.pk]},
+                             follow=True)
+    assert response.status_code == 200
+    shown = [str(m) for m in response.context["messages"]]
+    assert any("hibernation requested for 1: busy-box" in m for m in shown)
+    assert any(m.startswith("not hibernated: gone-box") for m in shown)
+    assert running.events.filter(kind="hibernate", message="hibernation requested").exists()
