@@ -181,13 +181,17 @@ HEARTBEAT_PRUNE_INTERVAL_SECONDS = env.int("HEARTBEAT_PRUNE_INTERVAL_SECONDS", d
 # Every machine we rent carries a label starting with this, so orphans can be found by label.
 DUMONT_LABEL_PREFIX = env.str("DUMONT_LABEL_PREFIX", default="dumont-")
 
+# The web port of `make run`. The development defaults of the other local services derive from it (S3 server
+# PORT+1, marketplace PORT+2), so two checkouts side by side differ by PORT alone.
+PORT = env.int("PORT", default=8000)
+
 # Where the control plane keeps its own files (SSH key, embedded services, marketplace state).
 DUMONT_DATA_DIR = Path(env.str("DUMONT_DATA_DIR", default=str(BASE_DIR / ".dumont")))
 
 # ---- Providers ----
 # The embedded local marketplace (machines/providers/local): on by default in development, off in production.
 LOCAL_MARKETPLACE_ENABLED = env.bool("LOCAL_MARKETPLACE_ENABLED", default=not PRODUCTION)
-LOCAL_MARKETPLACE_URL = env.str("LOCAL_MARKETPLACE_URL", default="http://127.0.0.1:8790")
+LOCAL_MARKETPLACE_URL = env.str("LOCAL_MARKETPLACE_URL", default=f"http://127.0.0.1:{PORT + 2}")
 VASTAI_API_URL = env.str("VASTAI_API_URL", default="https://console.vast.ai/api/v0/")
 RUNPOD_API_URL = env.str("RUNPOD_API_URL", default="https://api.runpod.io/graphql")
 GCP_COMPUTE_API_URL = env.str("GCP_COMPUTE_API_URL", default="https://compute.googleapis.com/compute/v1/")
@@ -227,7 +231,7 @@ AGENT_SYNC_RECORD_SECONDS = env.int("AGENT_SYNC_RECORD_SECONDS", default=60)
 AGENT_SYNC_CREDENTIALS_TTL_SECONDS = env.int("AGENT_SYNC_CREDENTIALS_TTL_SECONDS", default=6 * 3600)
 
 # Where DumontAgent on a machine posts its heartbeats (this server's public URL in production).
-AGENT_CONTROL_PLANE_URL = env.str("AGENT_CONTROL_PLANE_URL", default="http://127.0.0.1:8000")
+AGENT_CONTROL_PLANE_URL = env.str("AGENT_CONTROL_PLANE_URL", default=f"http://127.0.0.1:{PORT}")
 
 # Object storage price used in the savings ledger (Cloudflare R2 standard: $0.015/GB-month).
 SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH = env.float("SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH", default=0.015)
@@ -281,9 +285,9 @@ if PRODUCTION:
     CSRF_COOKIE_SECURE = True
 
 # ---- Snapshots: restic on the GPU machine, to S3-compatible storage (Cloudflare R2 in production) ----
-# Development defaults: the embedded S3 server (`python -m dumont.s3server --port 9100 --dir .dumont/s3`).
+# Development defaults: the embedded S3 server of `make run` (`python -m dumont.s3server --port PORT+1 ...`).
 # Production has no default: unset, every snapshot fails with "object storage is not configured".
-SNAPSHOT_S3_ENDPOINT = env.str("SNAPSHOT_S3_ENDPOINT", default="" if PRODUCTION else "http://127.0.0.1:9100")
+SNAPSHOT_S3_ENDPOINT = env.str("SNAPSHOT_S3_ENDPOINT", default="" if PRODUCTION else f"http://127.0.0.1:{PORT + 1}")
 SNAPSHOT_S3_BUCKET = env.str("SNAPSHOT_S3_BUCKET", default="dumont-snapshots")
 SNAPSHOT_S3_REGION = env.str("SNAPSHOT_S3_REGION", default="auto")  # R2 wants "auto"
 # The control plane's own key: bucket setup, sizes, deletes, restic init/forget/prune. Never sent to a machine.
