@@ -63,12 +63,15 @@ def missing_tools(tools: tuple[Tool, ...], search_path: str) -> list[Tool]:
 
 def venv_missing(python: str, venv: Path) -> Tool | None:
     """Debian's python3.11 cannot create a virtualenv without python3-venv (no ensurepip)."""
-    if (venv / "bin" / "python").exists():
-        return None
-    probe = subprocess.run([python, "-c", "import ensurepip, venv"], capture_output=True)
+    interpreter = shutil.which(python)
+    if (venv / "bin" / "python").exists() or interpreter is None:
+        return None  # nothing to create, or no such interpreter (make falls back to python3)
+    probe = subprocess.run([interpreter, "-c", "import ensurepip, venv"], capture_output=True)
     if probe.returncode == 0:
         return None
-    return Tool(f"{python} -m venv", "python3-venv", "", "make creates .venv with it")
+    version = subprocess.run([interpreter, "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
+                             capture_output=True, text=True).stdout.strip()
+    return Tool(f"{python} -m venv", f"python{version}-venv", "", "make creates .venv with it")
 
 
 def install_command(packages: list[str], system: str) -> str:

@@ -114,3 +114,23 @@ def test_the_real_machine_passes(tmp_path):
     result = run_preflight("test", "--no-install", env=dict(os.environ))
     assert result.returncode == 0, result.stderr
     assert shutil.which("chromedriver")
+
+
+def test_an_interpreter_that_cannot_create_the_virtualenv_names_its_venv_package(tmp_path):
+    bin_dir = tool_dir(tmp_path, without=set())
+    # a python3.11 like Debian's without python3.11-venv: no ensurepip
+    fake_python = bin_dir / "python3.11"
+    fake_python.write_text(f"#!/bin/sh\ncase \"$2\" in *ensurepip*) exit 1;; esac\nexec {sys.executable} \"$@\"\n")
+    fake_python.chmod(0o755)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+    result = run_preflight("run", "--no-install", "--search-path", str(bin_dir), "--python", str(fake_python),
+                           "--venv", str(tmp_path / "no-venv-yet"))
+
+    assert result.returncode == 1
+    assert f"sudo apt-get install -y python{version}-venv" in result.stderr
+    # once the virtualenv exists, the interpreter's venv support no longer matters
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    assert run_preflight("run", "--no-install", "--search-path", str(bin_dir), "--python", str(fake_python),
+                         "--venv", str(tmp_path / "venv")).returncode == 0
