@@ -43,6 +43,8 @@ def say(message: str) -> None:
 
 def port_free(port: int) -> bool:
     with socket.socket() as sock:
+        # as the servers bind: a port that only holds connections in TIME_WAIT (a restart) is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
             return True
