@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setup-only", action="store_true", help="start services, migrate, create admin, exit")
     args = parser.parse_args(argv)
 
+    # `make run` ran the preflight (and installed what it could); started any other way, never half-equipped
+    from dumont import preflight
+
+    if preflight.preflight("run", install=False):
+        raise SystemExit(1)
     if not port_free(args.port):
         raise SystemExit(f"[devrun] cannot bind 127.0.0.1:{args.port} (web, PORT): something else listens "
                          f"there. Stop it, or choose another port: PORT={args.port + 10} make run")

@@ -11,6 +11,7 @@ api_v1 = [
     path("auth/login", auth_api.LoginView.as_view(), name="auth-login"),
     path("auth/refresh", auth_api.RefreshView.as_view(), name="auth-refresh"),
     path("auth/logout", auth_api.LogoutView.as_view(), name="auth-logout"),
+    path("users", auth_api.UserCreateView.as_view(), name="users"),
     # the schema and its docs are public: they describe the API, they hold no user data
     path("schema", SpectacularAPIView.as_view(permission_classes=[AllowAny], authentication_classes=[]), name="schema"),
     path("", include("instances.api.urls")),

@@ -1,8 +1,8 @@
-"""Login (username or email), refresh (rotating), logout (blacklists the refresh token)."""
+"""Login (username or email), refresh (rotating), logout (blacklists the refresh token); operators add users."""
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
-from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.permissions import AllowAny, IsAdminUser, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework_simplejwt.exceptions import TokenError
@@ -11,6 +11,7 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from dumont.core.errors import DomainError
+from dumont.core.services import user_create
 
 
 class LoginSerializer(TokenObtainPairSerializer):
@@ -60,3 +61,37 @@ class LogoutView(APIView):
             raise DomainError("That refresh token belongs to another user.", code="token_not_valid")
         token.blacklist()
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class UserCreateSerializer(serializers.Serializer):
+    username = serializers.CharField(max_length=150)
+    email = serializers.EmailField(required=False, default="")
+    password = serializers.CharField(required=False, write_only=True, min_length=1,
+                                     help_text="omitted: one is generated and returned, once")
+    is_staff = serializers.BooleanField(required=False, default=False)
+
+
+class UserCreatedSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    username = serializers.CharField()
+    email = serializers.CharField()
+    is_staff = serializers.BooleanField()
+    password = serializers.CharField(required=False, help_text="only when it was generated")
+
+
+class UserCreateView(APIView):
+    """Operators (staff) add a user: the same as `manage.py createuser`."""
+
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(request=UserCreateSerializer, responses={201: UserCreatedSerializer})
+    def post(self, request):
+        data = UserCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        given = data.validated_data.get("password")
+        user, password = user_create(username=data.validated_data["username"], email=data.validated_data["email"],
+                                     password=given, staff=data.validated_data["is_staff"])
+        body = {"id": user.pk, "username": user.username, "email": user.email, "is_staff": user.is_staff}
+        if not given:
+            body["password"] = password  # generated: shown this once, never stored in clear
+        return Response(UserCreatedSerializer(body).data, status=status.HTTP_201_CREATED)

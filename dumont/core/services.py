@@ -20,6 +20,8 @@ def user_create(*, username: str, email: str = "", password: str | None = None, 
     if not username:
         raise InvalidInput("a username is required")
     password = password or secrets.token_urlsafe(12)
+    if user_model.objects.filter(username=username).exists():
+        raise Conflict(f"the user {username!r} exists")
     candidate = user_model(username=username, email=email, is_staff=staff)
     try:
         candidate.full_clean(exclude=["password"])

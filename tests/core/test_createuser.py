@@ -45,3 +45,26 @@ def test_createuser_takes_a_password_on_stdin_and_refuses_weak_ones_and_duplicat
     monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
     with pytest.raises(CommandError, match="too short"):
         call_command("createuser", "dave", "--password-stdin")
+
+
+def test_operators_add_users_through_the_api_and_nobody_else_may(capsys):
+    staff = make_user("ops")
+    staff.is_staff = True
+    staff.save()
+    operator, plain = APIClient(), APIClient()
+    operator.force_authenticate(staff)
+    plain.force_authenticate(make_user("mallory"))
+
+    refused = plain.post("/api/v1/users", {"username": "eve"}, format="json")
+    assert refused.status_code == 403 and refused.json()["error"]
+    created = operator.post("/api/v1/users", {"username": "erin", "email": "erin@example.com"}, format="json")
+    assert created.status_code == 201, created.json()
+    assert login("erin", created.json()["password"]).status_code == 200
+    given = operator.post("/api/v1/users", {"username": "frank", "password": "a-long-enough-passphrase"},
+                          format="json")
+    assert given.status_code == 201 and "password" not in given.json()
+
+    duplicate = operator.post("/api/v1/users", {"username": "erin"}, format="json")
+    assert duplicate.status_code == 409 and duplicate.json()["error"] == "conflict"
+    weak = operator.post("/api/v1/users", {"username": "gina", "password": "short"}, format="json")
+    assert weak.status_code == 400 and "too short" in weak.json()["detail"]

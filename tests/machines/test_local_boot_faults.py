@@ -53,3 +53,12 @@ def test_a_host_that_exits_is_not_a_platform_fault(tmp_path):
         machine = wait_until(lambda: (m := provider.get(created.instance_id)).status == STATUS_FAILED and m,
                              timeout=30, what="the host to exit")
     assert not machine.platform_fault and machine.status_message == "container exited during start"
+
+
+def test_the_marketplace_serves_where_local_marketplace_url_says(monkeypatch):
+    from machines.providers.local import cli
+
+    monkeypatch.setenv("LOCAL_MARKETPLACE_URL", "http://127.0.0.1:8125")
+    assert cli._parser().parse_args(["serve"]).port == 8125
+    monkeypatch.delenv("LOCAL_MARKETPLACE_URL")
+    assert cli._parser().parse_args(["serve"]).port == cli.DEFAULT_PORT

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from machines.providers.local.control import MarketplaceControl, MarketplaceError
 
@@ -77,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the marketplace service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="0 = any free port (see state-dir/server.json)"
+        "--port", type=int, default=_configured_port(),
+        help="0 = any free port (see state-dir/server.json); default: LOCAL_MARKETPLACE_URL's port, else 8790",
     )
     serve.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
     serve.add_argument("--catalogue", help="hosts YAML (default: the shipped catalogue.yaml)")
@@ -87,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def client(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
         p = sub.add_parser(name, help=help)
-        p.add_argument("--url", help="marketplace URL (default: $DUMONT_MARKETPLACE_URL or the state dir's)")
+        p.add_argument("--url", help="marketplace URL (default: $DUMONT_MARKETPLACE_URL, $LOCAL_MARKETPLACE_URL "
+                                     "or the state dir's)")
         p.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
         return p
 
@@ -121,12 +124,19 @@ def _parser() -> argparse.ArgumentParser:
 def _url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url
-    if os.environ.get("DUMONT_MARKETPLACE_URL"):
-        return os.environ["DUMONT_MARKETPLACE_URL"]
+    for name in ("DUMONT_MARKETPLACE_URL", "LOCAL_MARKETPLACE_URL"):
+        if os.environ.get(name):
+            return os.environ[name]
     info = Path(args.state_dir) / "server.json"
     if info.exists():
         return json.loads(info.read_text())["url"]
     return f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+def _configured_port() -> int:
+    """Where the control plane expects the marketplace (LOCAL_MARKETPLACE_URL), so that both agree."""
+    url = os.environ.get("LOCAL_MARKETPLACE_URL")
+    return (urlsplit(url).port if url else None) or DEFAULT_PORT
 
 
 def _print_status(state: dict) -> None:
