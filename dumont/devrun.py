@@ -34,7 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 # for a person watching `make run` (quiet mode raises them to WARNING)
 ROUTINE_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "celery.beat", "celery.worker.consumer",
                    "celery.apps.worker", "celery.bootsteps", "django.server", "django_celery_beat.schedulers",
-                   "machines.providers.local")
+                   "machines.providers.local",
+                   # paramiko's own thread prints a 30-line traceback whenever a race's losing machine is
+                   # destroyed under its SSH check; our code reports every SSH failure that matters itself
+                   "paramiko.transport=CRITICAL")
 
 
 def say(message: str) -> None:

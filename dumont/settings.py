@@ -270,10 +270,11 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}, "paramiko": {"level": "WARNING"}},
 }
-# Loggers held at WARNING: `make run` names the routine ones here (each task run, beat tick, request) so that
-# a person reads warnings, errors and one line per instance status change (instances.states), not chatter.
-for _name in env.list("DUMONT_QUIET_LOGGERS", default=[]):
-    LOGGING["loggers"][_name] = {"level": "WARNING"}
+# Loggers held at WARNING (or `name=LEVEL`): `make run` names the routine ones here (each task run, beat tick,
+# request) so that a person reads warnings, errors and one line per instance status change, not chatter.
+for _entry in env.list("DUMONT_QUIET_LOGGERS", default=[]):
+    _name, _, _level = _entry.partition("=")
+    LOGGING["loggers"][_name] = {"level": _level or "WARNING"}
 
 if PRODUCTION:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

@@ -21,7 +21,11 @@ elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv
 # start `make run` in its own process group, output to $1
 start_make_run() { setsid make run >"$1" 2>&1 < /dev/null & echo $!; }
 stop_make_run() {
-  kill -TERM -- "-$1" 2>/dev/null || true  # not INT: a background job of a script ignores SIGINT
+  # TERM to make's child (devrun's honcho, which stops every process in order), then to what is left;
+  # not INT: a background job of a script ignores SIGINT
+  kill -TERM $(ps -o pid= --ppid "$1") 2>/dev/null || true
+  for _ in $(seq 1 40); do [ -z "$(ps -o pid= --ppid "$1")" ] && break; sleep 0.5; done
+  kill -TERM -- "-$1" 2>/dev/null || true
   for _ in $(seq 1 60); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.5; done
   kill -KILL -- "-$1" 2>/dev/null || true
 }
@@ -86,6 +90,8 @@ wait_for 900 "instance $id to be running" running
 t_running=$(now)
 api GET "/instances/$id" | python3 -c 'import json,sys; i=json.load(sys.stdin); print("instance", i["id"], i["status"], "-", i["status_reason"])'
 api DELETE "/instances/$id" >/dev/null
+destroyed() { api GET "/instances/$id" | python3 -c 'import json,sys; sys.exit(json.load(sys.stdin)["status"] != "destroyed")'; }
+wait_for 300 "instance $id to be destroyed (so that the idle minute is idle)" destroyed
 stop_make_run "$pid"; trap - EXIT
 echo "git clone -> make run answering: $(elapsed "$t0" "$t_up") s"
 echo "git clone -> first instance running: $(elapsed "$t0" "$t_running") s"
