@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from machines.providers.base import STATUS_FAILED, LaunchRequest, OfferQuery
 from machines.providers.local.testing import running_marketplace
+
+from machines.providers.base import STATUS_FAILED, LaunchRequest, OfferQuery
 from machines.ssh import generate_keypair
 from tests.harness import wait_until
 
