@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from machines.providers.local.testing import running_marketplace
-
+from dumont.bench.marketplace import running_marketplace
 from machines.providers.base import STATUS_FAILED, LaunchRequest, OfferQuery
 from machines.ssh import generate_keypair
 from tests.harness import wait_until
