@@ -53,6 +53,14 @@ def agent_credential_issue(instance_id: int) -> str:
     return secret
 
 
+def agent_credential_revoke(instance_id: int) -> bool:
+    """The instance's machine went (destroyed, hibernated, replaced): its agent's secret stops working now,
+    for heartbeats and for storage keys alike (the next machine's agent gets a new one from agent_start).
+    Returns whether there was one."""
+    # a queryset delete sends post_delete per row: agent.mirror forgets the secret at once
+    return AgentCredential.objects.filter(instance_id=instance_id).delete()[0] > 0
+
+
 def action_for_status(status: str) -> str:
     if status in _SHUTDOWN_STATUSES:
         return ACTION_SHUTDOWN
@@ -81,7 +89,10 @@ def sync_credentials_issue(*, agent: Agent) -> dict[str, Any]:
     if instance is None:
         raise AuthFailed
     try:
-        credentials, expires_at = snapshot_services.sync_credentials(owner=instance.owner)
+        credentials, expires_at = snapshot_services.sync_credentials(owner=instance.owner, instance_id=instance.pk,
+                                                                     target=instance.ssh_target)
+    except snapshot_services.MachineGone:
+        raise AuthFailed from None  # not this instance's current machine
     except StorageError as exc:
         log.warning("no sync credentials for instance %s: %s", instance.pk, exc)
         raise Unavailable from exc

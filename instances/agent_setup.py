@@ -32,7 +32,7 @@ def agent_start(instance: Instance) -> bool:
     target = instance.ssh_target
     try:
         sync = _sync(instance, target)
-    except (SSHError, ResticError, StorageError) as exc:
+    except (SSHError, ResticError, StorageError, snapshot_services.MachineGone) as exc:
         # heartbeats matter more than the sync: start the agent without it, and say so
         sync = None
         instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT,
@@ -55,7 +55,8 @@ def _sync(instance: Instance, target: SSHTarget) -> SyncConfig | None:
         return None
     with connect(target, control_plane_key_path()) as session:
         restic.restic_ensure(session, local_binary=snapshot_services.restic_binary())
-    command, env, expires_at = snapshot_services.sync_config(owner=instance.owner, instance_id=instance.pk)
+    command, env, expires_at = snapshot_services.sync_config(owner=instance.owner, instance_id=instance.pk,
+                                                             target=target)
     return SyncConfig(command=command, env=env, env_expires_at=expires_at)
 
 

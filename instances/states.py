@@ -94,6 +94,7 @@ def transition(
             raise IllegalTransition(
                 f"instance {instance_id} cannot go from {current} to {target}", data={"status": current}
             )
+        previous_machine = instance.ssh_host_key
         instance.status = target
         instance.status_changed_at = timezone.now()
         if message:
@@ -110,6 +111,7 @@ def transition(
         # the one log line per user-visible event (race won, hibernated, woke, failed, ...)
         line = f"instance {instance_id} {instance.name!r}: {current} -> {target}" + (f": {message}" if message else "")
         transaction.on_commit(lambda: log.info(line))
+        _revoke_if_machine_changed(instance_id, previous_machine, fields)
     return instance
 
 
@@ -119,9 +121,11 @@ def machine_assign(instance_id: int, *, expected: str, **machine: Any) -> Instan
     refused unless the instance is still `expected`."""
     with transaction.atomic():
         instance = _locked(instance_id, expected)
+        previous_machine = instance.ssh_host_key
         for name, value in machine.items():
             setattr(instance, name, value)
         instance.save(update_fields=["updated_at", *machine])
+        _revoke_if_machine_changed(instance_id, previous_machine, machine)
     return instance
 
 
@@ -140,3 +144,23 @@ def standby_transition(standby_id: int, target: str, *, expected: str | None = N
     allowed = [status for status, targets in STANDBY_TRANSITIONS.items() if target in targets
                and (expected is None or status == expected)]
     return bool(StandbyMachine.objects.filter(pk=standby_id, status__in=allowed).update(status=target, **fields))
+
+
+def _revoke_if_machine_changed(instance_id: int, previous_host_key: str, fields: dict[str, Any]) -> None:
+    if previous_host_key and "ssh_host_key" in fields and fields["ssh_host_key"] != previous_host_key:
+        _machine_secrets_revoke(instance_id, new_host_key=fields["ssh_host_key"] or "")
+
+
+def _machine_secrets_revoke(instance_id: int, *, new_host_key: str) -> None:
+    """The instance's machine went (destroyed, hibernated, replaced): in the same transaction as the move,
+    its agent secret stops working (heartbeats and storage keys) and its restic keys are revoked; their
+    key files are deleted from the repository right after the commit (and by the retention sweep)."""
+    from agent.services import agent_credential_revoke
+    from machines.ssh import SSHTarget
+    from snapshots.services import machine_keys_revoke, machine_of
+    from snapshots.tasks import remove_machine_keys
+
+    agent_credential_revoke(instance_id)
+    keep = machine_of(SSHTarget("", 22, "root", new_host_key)) if new_host_key else ""
+    if machine_keys_revoke(instance_id=instance_id, keep_machine=keep):
+        transaction.on_commit(lambda: remove_machine_keys.apply_async(expires=600))

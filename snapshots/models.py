@@ -32,12 +32,15 @@ class MachineAddress(models.Model):
 class SnapshotRepository(models.Model):
     """A user's own restic repository: own prefix in the bucket, own password (encrypted at rest).
 
-    A machine only ever receives its owner's repository credentials.
+    The password is the control plane's alone (retention, prune, verification): a machine receives its own
+    key instead (MachineKey) and storage keys that cannot delete.
     """
 
     owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="snapshot_repository")
     prefix = models.CharField(max_length=200, unique=True, help_text="Key prefix in the bucket, e.g. users/42")
     password = EncryptedTextField()
+    # the key file the control plane's password opens (the repository's first key): restic's key hint
+    control_key_id = models.CharField(max_length=64, blank=True)
     initialized_at = models.DateTimeField(null=True, blank=True)
     size_bytes = models.BigIntegerField(null=True, blank=True, help_text="Last measured size in object storage.")
     size_measured_at = models.DateTimeField(null=True, blank=True)
@@ -49,6 +52,41 @@ class SnapshotRepository(models.Model):
 
     def __str__(self) -> str:
         return f"repository {self.prefix}"
+
+
+class MachineKey(models.Model):
+    """One machine's own restic key (password) to its owner's repository, added by the control plane
+    (`restic key add`) the first time the machine backs up, restores or syncs, and removed when the machine
+    goes (destroyed, hibernated, replaced): `revoked_at` at once (it is never handed out again), `removed_at`
+    once its key file is gone from the repository (the password then opens nothing).
+
+    The machine is named by its pinned SSH host key: a new machine has a new one.
+    """
+
+    repository = models.ForeignKey(SnapshotRepository, on_delete=models.CASCADE, related_name="machine_keys")
+    instance = models.ForeignKey("instances.Instance", on_delete=models.CASCADE, related_name="machine_keys")
+    machine = models.CharField(max_length=64, help_text="sha256 of the machine's SSH host key.")
+    password = EncryptedTextField()
+    restic_key_id = models.CharField(max_length=64, blank=True, help_text="The key file's id in the repository.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, help_text="Its machine went: never handed out again.")
+    removed_at = models.DateTimeField(null=True, blank=True, help_text="Its key file is gone from the repository.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "machine"], condition=models.Q(revoked_at__isnull=True),
+                                    name="one_live_machine_key_per_machine"),
+        ]
+        indexes = [models.Index(fields=["revoked_at", "removed_at"], name="machine_key_to_remove")]
+
+    def __str__(self) -> str:
+        state = "removed" if self.removed_at else "revoked" if self.revoked_at else "live"
+        return f"restic key of instance {self.instance_id} on machine {self.machine[:12]} ({state})"
+
+    @property
+    def label(self) -> str:
+        """Its name in the repository (`restic key list`'s host) and its holder name on storage keys."""
+        return f"dumont-key-{self.pk}"
 
 
 class Snapshot(MachineAddress):

@@ -12,6 +12,7 @@ a row that already finished is left alone, so a re-delivered task does nothing t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import secrets
 import shlex
@@ -30,7 +31,7 @@ from dumont.core.errors import Conflict, NotFound
 from machines.keys import control_plane_key_path
 from machines.ssh import PrivateKeyLike, SSHError, SSHTarget, connect
 from snapshots import restic, storage
-from snapshots.models import Snapshot, SnapshotRepository, SnapshotRestore
+from snapshots.models import MachineKey, Snapshot, SnapshotRepository, SnapshotRestore
 from snapshots.states import status_transition
 
 log = logging.getLogger(__name__)
@@ -68,18 +69,108 @@ def _local_runner() -> restic.LocalRunner:
 
 
 def _control_plane_repository(repository: SnapshotRepository) -> restic.Repository:
+    """The control plane's own view: the repository's first key and the store's admin credentials."""
     return restic.Repository(
         storage.repository_url(repository.prefix), repository.password, storage.admin_credentials(),
-        settings.SNAPSHOT_S3_REGION,
+        settings.SNAPSHOT_S3_REGION, key_hint=repository.control_key_id,
     )
 
 
-def _machine_repository(repository: SnapshotRepository) -> restic.Repository:
-    """What a user's machine receives: its owner's repository, with storage keys for that prefix only."""
-    credentials = storage.machine_credentials(repository.prefix, ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300)
-    return restic.Repository(
-        storage.repository_url(repository.prefix), repository.password, credentials, settings.SNAPSHOT_S3_REGION
-    )
+def _machine_repository(repository: SnapshotRepository, key: MachineKey, *, ttl_seconds: int) -> restic.Repository:
+    """What a user's machine receives: its own restic key, and storage keys for its owner's prefix that
+    expire after `ttl_seconds` and cannot delete (README "Isolation"). Never the repository's password."""
+    credentials = storage.machine_credentials(repository.prefix, holder=key.label, ttl_seconds=ttl_seconds)
+    return restic.Repository(storage.repository_url(repository.prefix), key.password, credentials,
+                             settings.SNAPSHOT_S3_REGION, key_hint=key.restic_key_id)
+
+
+# ---- machine keys -----------------------------------------------------------------------------
+
+
+class MachineGone(Conflict):
+    code = "machine_gone"
+
+
+def machine_of(target: SSHTarget) -> str:
+    """A machine's name for its keys: the sha256 of its pinned SSH host key (a new machine has a new one)."""
+    if not target.host_key:
+        raise Conflict("the machine has no pinned host key")
+    return hashlib.sha256(target.host_key.strip().encode()).hexdigest()
+
+
+def machine_key_ensure(*, repository: SnapshotRepository, instance_id: int, target: SSHTarget) -> MachineKey:
+    """The machine's own restic key to its owner's repository, added (`restic key add`, on the control
+    plane) on first use. A machine whose key was revoked is gone: it gets none again (MachineGone)."""
+    machine = machine_of(target)
+    keys = MachineKey.objects.filter(instance_id=instance_id, machine=machine)
+    key = keys.filter(revoked_at__isnull=True).first()
+    if key is None:
+        if keys.exists():
+            raise MachineGone(f"the machine of instance {instance_id} was replaced or destroyed")
+        try:
+            with transaction.atomic():
+                key = MachineKey.objects.create(repository=repository, instance_id=instance_id, machine=machine,
+                                                password=secrets.token_urlsafe(32))
+        except IntegrityError:  # a concurrent first use on the same machine
+            key = keys.get(revoked_at__isnull=True)
+    if key.restic_key_id:
+        return key
+    _control_key_ensure(repository)
+    with transaction.atomic():
+        key = MachineKey.objects.select_for_update().get(pk=key.pk)
+        if key.revoked_at is not None:
+            raise MachineGone(f"the machine of instance {instance_id} was replaced or destroyed")
+        if not key.restic_key_id:
+            key.restic_key_id = restic.key_add(_local_runner(), _control_plane_repository(repository), tuning(),
+                                               new_password=key.password, label=key.label)
+            key.save(update_fields=["restic_key_id"])
+    return key
+
+
+def _control_key_ensure(repository: SnapshotRepository) -> None:
+    """Record which key the control plane's password opens (before machine keys crowd the repository)."""
+    if repository.control_key_id:
+        return
+    keys = restic.key_ids(_local_runner(), _control_plane_repository(repository), tuning())
+    repository.control_key_id = next(key_id for key_id, key in keys.items() if key["current"])
+    SnapshotRepository.objects.filter(pk=repository.pk).update(control_key_id=repository.control_key_id)
+
+
+def machine_keys_revoke(*, instance_id: int, keep_machine: str = "") -> int:
+    """The instance's machine went (destroyed, hibernated, replaced): its keys are never handed out again.
+    Their key files are removed by `machine_keys_remove` (a task right after, and the retention sweep)."""
+    return (MachineKey.objects.filter(instance_id=instance_id, revoked_at__isnull=True)
+            .exclude(machine=keep_machine).update(revoked_at=timezone.now()))
+
+
+def machine_keys_remove(*, batch_size: int = 100) -> int:
+    """Delete revoked keys' files from their repositories (a direct object delete with the control plane's
+    key: no restic lock needed, a running backup of another machine is untouched). Returns how many."""
+    removed = 0
+    pending = (MachineKey.objects.filter(revoked_at__isnull=False, removed_at__isnull=True)
+               .select_related("repository").order_by("pk")[:batch_size])
+    for key in pending:
+        try:
+            key_id = key.restic_key_id or _key_added_unrecorded(key)
+            if key_id:
+                if key_id == key.repository.control_key_id:
+                    raise RuntimeError(f"machine key {key.pk} names the control plane's key")
+                storage.object_delete(f"{key.repository.prefix}/keys/{key_id}")
+        except (restic.ResticError, storage.StorageError) as exc:
+            log.warning("restic key of instance %s not removed yet: %s", key.instance_id, exc)
+            continue
+        MachineKey.objects.filter(pk=key.pk).update(removed_at=timezone.now())
+        removed += 1
+    return removed
+
+
+def _key_added_unrecorded(key: MachineKey) -> str:
+    """A key whose `key add` may have run before its id was saved: found by its label, or ""."""
+    repository = key.repository
+    if repository.initialized_at is None:
+        return ""
+    keys = restic.key_ids(_local_runner(), _control_plane_repository(repository), tuning())
+    return next((key_id for key_id, found in keys.items() if found["hostName"] == key.label), "")
 
 
 # ---- repositories ---------------------------------------------------------------------------
@@ -207,13 +298,16 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
     try:
         with connect(snapshot.ssh_target, private_key or control_plane_key_path()) as session:
             repository = repository_ensure(owner=snapshot.owner)
+            key = machine_key_ensure(repository=repository, instance_id=snapshot.instance_id,
+                                     target=snapshot.ssh_target)
             installed = restic.restic_ensure(session, local_binary=restic_binary())
             result = restic.backup(
-                restic.RemoteRunner(session), _machine_repository(repository), tuning(),
+                restic.RemoteRunner(session),
+                _machine_repository(repository, key, ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300), tuning(),
                 host=f"instance-{snapshot.instance_id}", tags=snapshot.tags, parent_id=parent_id,
                 after_restore=after_restore, on_progress=_ProgressReporter(snapshot, on_event),
             )
-    except (restic.ResticError, SSHError, storage.StorageError) as exc:
+    except (restic.ResticError, SSHError, storage.StorageError, MachineGone) as exc:
         return _snapshot_failed(snapshot, exc, on_event)
     except BaseException as exc:  # a soft time limit, a worker shutting down: never leave it "running"
         _snapshot_failed(snapshot, exc, on_event)
@@ -260,7 +354,7 @@ def _failure_reason(exc: BaseException) -> str:
         return exc.reason
     if isinstance(exc, SSHError):
         return f"SSH: {exc}"
-    if isinstance(exc, storage.StorageError):
+    if isinstance(exc, storage.StorageError | MachineGone):
         return exc.detail
     return f"interrupted: {type(exc).__name__}: {exc}"[:500]
 
@@ -363,10 +457,13 @@ def restore_run(*, restore_id: int, private_key: PrivateKeyLike | None = None,
     try:
         with connect(restore.ssh_target, private_key or control_plane_key_path()) as session:
             repository = repository_ensure(owner=restore.owner)
+            key = machine_key_ensure(repository=repository, instance_id=restore.instance_id, target=restore.ssh_target)
             installed = restic.restic_ensure(session, local_binary=restic_binary())
-            restic.restore(restic.RemoteRunner(session), _machine_repository(repository), tuning(),
+            machine_repository = _machine_repository(repository, key,
+                                                     ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300)
+            restic.restore(restic.RemoteRunner(session), machine_repository, tuning(),
                            snapshot_id=restore.restic_snapshot_id)
-    except (restic.ResticError, SSHError, storage.StorageError) as exc:
+    except (restic.ResticError, SSHError, storage.StorageError, MachineGone) as exc:
         return _restore_failed(restore, exc, on_event)
     except BaseException as exc:
         _restore_failed(restore, exc, on_event)
@@ -513,18 +610,20 @@ def _fail_stale(owner) -> None:
 # ---- the agent's periodic sync ----------------------------------------------------------------
 
 
-def sync_config(*, owner, instance_id: int) -> tuple[str, dict[str, str], float | None]:
-    """The command and environment DumontAgent runs for its periodic incremental backup, and when the
-    environment's storage keys expire (None: never; the agent renews them first, `sync_credentials`).
+def sync_config(*, owner, instance_id: int, target: SSHTarget) -> tuple[str, dict[str, str], float | None]:
+    """The command and environment DumontAgent runs for its periodic incremental backup on the machine
+    `target`, and when the environment's storage keys expire (None: never; the agent renews them first,
+    `sync_credentials`).
 
-    The same backup as `snapshot_run` (our restic on the machine, the owner's repository and a key for its
-    prefix only), tagged `periodic`; the environment goes into the agent's 0600 config, never argv.
-    restic picks the previous snapshot of the same host and path as the parent on its own.
+    The same backup as `snapshot_run` (our restic on the machine, the machine's own restic key, storage keys
+    for the owner's prefix that cannot delete), tagged `periodic`; the environment goes into the agent's
+    0600 config, never argv. restic picks the previous snapshot of the same host and path as the parent.
     """
     repository = repository_ensure(owner=owner)
-    credentials, expires_at = sync_credentials(owner=owner)
-    machine_repository = restic.Repository(storage.repository_url(repository.prefix), repository.password,
-                                           credentials, settings.SNAPSHOT_S3_REGION)
+    key = machine_key_ensure(repository=repository, instance_id=instance_id, target=target)
+    credentials, expires_at = sync_credentials(owner=owner, instance_id=instance_id, target=target)
+    machine_repository = restic.Repository(storage.repository_url(repository.prefix), key.password, credentials,
+                                           settings.SNAPSHOT_S3_REGION, key_hint=key.restic_key_id)
     args = restic.backup_args(machine_repository, tuning(), host=f"instance-{instance_id}",
                               tags=(f"instance-{instance_id}", Snapshot.Reason.PERIODIC))
     command = ('cd "${DUMONT_WORKSPACE:-/workspace}" && exec "' + restic.REMOTE_BIN_DIR + '/restic" '
@@ -532,17 +631,21 @@ def sync_config(*, owner, instance_id: int) -> tuple[str, dict[str, str], float 
     return command, machine_repository.env(), expires_at
 
 
-def sync_credentials(*, owner) -> tuple[storage.Credentials, float | None]:
-    """Storage keys for an agent's periodic sync (the owner's repository prefix only), and when they
-    expire: `r2` keys are temporary (AGENT_SYNC_CREDENTIALS_TTL_SECONDS) and the agent renews them.
-    The repository exists already (the agent got its sync config from `sync_config`): no storage I/O here
-    but the `r2` key request. Raises StorageError without one."""
+def sync_credentials(*, owner, instance_id: int, target: SSHTarget) -> tuple[storage.Credentials, float | None]:
+    """Storage keys for the agent sync of the machine `target` (the owner's repository prefix only, no
+    deletes), and when they expire (AGENT_SYNC_CREDENTIALS_TTL_SECONDS; the agent renews them).
+    Only for a machine whose restic key is live: a replaced or destroyed one gets MachineGone. No storage
+    I/O here but the `r2` key request; StorageError without a repository."""
     repository = SnapshotRepository.objects.filter(owner=owner, initialized_at__isnull=False).first()
     if repository is None:
         raise storage.StorageError(f"user {owner.pk} has no snapshot repository yet")
+    key = MachineKey.objects.filter(instance_id=instance_id, machine=machine_of(target), revoked_at__isnull=True,
+                                    repository=repository).exclude(restic_key_id="").first()
+    if key is None:
+        raise MachineGone(f"instance {instance_id} has no live machine key for this machine")
     ttl = settings.AGENT_SYNC_CREDENTIALS_TTL_SECONDS
-    credentials = storage.machine_credentials(repository.prefix, ttl_seconds=ttl)
-    expires_at = time.time() + ttl if settings.SNAPSHOT_MACHINE_CREDENTIALS == "r2" else None
+    credentials = storage.machine_credentials(repository.prefix, holder=key.label, ttl_seconds=ttl)
+    expires_at = time.time() + ttl if storage.machine_credentials_expire() else None
     return credentials, expires_at
 
 
@@ -553,7 +656,12 @@ def snapshot_record_periodic(*, owner, instance_id: int, report: dict) -> Snapsh
     if not restic_id or Snapshot.objects.filter(instance_id=instance_id, restic_snapshot_id__startswith=restic_id).exists():
         return None
     repository = repository_ensure(owner=owner)
-    listed = restic.snapshot_listed(_local_runner(), _control_plane_repository(repository), tuning(), restic_id)
+    # only a snapshot of this very instance: a host naming another instance's snapshot (same repository)
+    # would otherwise have it recorded as its own, and expired and forgotten by retention with its own
+    listed = next((item["id"] for item in restic.snapshots(_local_runner(), _control_plane_repository(repository),
+                                                            tuning(), restic_id)
+                   if str(item.get("id", "")).startswith(restic_id) and item.get("hostname") == f"instance-{instance_id}"),
+                  None)
     verified = listed is not None and report.get("exit_code") == 0
     now = timezone.now()
     return Snapshot.objects.create(

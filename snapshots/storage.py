@@ -1,12 +1,13 @@
 """Object storage (boto3, any S3-compatible store; Cloudflare R2 in production).
 
 restic does the backups; this module does what restic does not: bucket setup, a repository's size
-(cost accounting), deleting a user's whole repository, and the credentials a user's machine gets,
-which open that user's prefix and nothing else (`machine_credentials`).
+(cost accounting), deleting a user's whole repository or one key file, and the credentials a user's
+machine gets, which open that user's prefix and nothing else (`machine_credentials`).
 """
 
 from __future__ import annotations
 
+import time
 from functools import cache
 
 import boto3
@@ -130,15 +131,20 @@ def repository_delete(prefix: str) -> int:
     return len(keys)
 
 
-def machine_credentials(prefix: str, *, ttl_seconds: int) -> Credentials:
-    """Credentials for a user's machine: they open `bucket/prefix/` only (see SNAPSHOT_MACHINE_CREDENTIALS).
+def object_delete(key: str) -> None:
+    """Delete one object (the control plane's key: a removed machine's restic key file)."""
+    _storage_call("delete", client().delete_object, Bucket=settings.SNAPSHOT_S3_BUCKET, Key=key)
 
-    `ttl_seconds`: how long they must stay valid (temporary credentials expire after it).
+
+def machine_credentials(prefix: str, *, holder: str, ttl_seconds: int) -> Credentials:
+    """Credentials for a user's machine: they open `bucket/prefix/` only, for `ttl_seconds` (see
+    SNAPSHOT_MACHINE_CREDENTIALS and README "Isolation"). `holder`: the machine's restic key label; on the
+    embedded S3 server they may add objects but delete only the restic locks that holder wrote.
     """
     mode = settings.SNAPSHOT_MACHINE_CREDENTIALS
     scope = f"{settings.SNAPSHOT_S3_BUCKET}/{prefix.strip('/')}"
     if mode == "scoped":
-        return scoped_credentials(scope, scope_secret())
+        return scoped_credentials(scope, scope_secret(), holder=holder, expires_at=time.time() + ttl_seconds)
     if mode == "r2":
         return _r2_temporary_credentials(prefix, ttl_seconds)
     if mode == "shared":
@@ -146,8 +152,14 @@ def machine_credentials(prefix: str, *, ttl_seconds: int) -> Credentials:
     raise StorageError(f"SNAPSHOT_MACHINE_CREDENTIALS must be scoped, r2 or shared, not {mode!r}")
 
 
+def machine_credentials_expire() -> bool:
+    """Whether machine credentials expire (and an agent must renew its own): all but `shared` ones."""
+    return settings.SNAPSHOT_MACHINE_CREDENTIALS != "shared"
+
+
 def _r2_temporary_credentials(prefix: str, ttl_seconds: int) -> Credentials:
-    """R2's temporary credentials, limited to object reads and writes under the user's prefix."""
+    """R2's temporary credentials, limited to object reads and writes under the user's prefix. R2 has no
+    narrower permission than `object-read-write`: these can delete too (README "Isolation")."""
     url = f"{settings.SNAPSHOT_R2_API_URL.rstrip('/')}/accounts/{settings.SNAPSHOT_R2_ACCOUNT_ID}/r2/temp-access-credentials"
     body = {
         "bucket": settings.SNAPSHOT_S3_BUCKET,

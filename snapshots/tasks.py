@@ -34,8 +34,16 @@ def apply_retention(owner_id: int) -> None:
 
 
 @shared_task(ignore_result=True)
+def remove_machine_keys() -> int:
+    """Delete the key files of machines that went (revoked keys); the retention sweep retries failures."""
+    return services.machine_keys_remove()
+
+
+@shared_task(ignore_result=True)
 def apply_retention_all() -> int:
-    """Periodic: one retention task per user with a repository, least recently measured first (bounded)."""
+    """Periodic: revoked machine keys removed, then one retention task per user with a repository, least
+    recently measured first (bounded)."""
+    remove_machine_keys.apply_async(expires=settings.SNAPSHOT_RETENTION_INTERVAL_SECONDS)
     owners = list(
         SnapshotRepository.objects.filter(initialized_at__isnull=False)
         .order_by("size_measured_at", "pk").values_list("owner_id", flat=True)[: settings.SNAPSHOT_RETENTION_BATCH_SIZE]

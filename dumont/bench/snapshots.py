@@ -197,7 +197,8 @@ class SnapshotBenchmark(Benchmark):
             prefix = f"users/1/{secrets.token_hex(4)}"
             repository = restic.Repository(
                 f"s3:{server.endpoint}/{BUCKET}/{prefix}", secrets.token_urlsafe(32),
-                scoped_credentials(f"{BUCKET}/{prefix}", scope_secret), "auto",
+                scoped_credentials(f"{BUCKET}/{prefix}", scope_secret, holder="bench", expires_at=time.time() + 86400),
+                "auto",
             )
             restic.init(restic.LocalRunner(options["restic"], cache_dir=root / "cp-cache"), repository, tuning)
 
