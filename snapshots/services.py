@@ -94,7 +94,7 @@ class MachineGone(Conflict):
 def machine_of(target: SSHTarget) -> str:
     """A machine's name for its keys: the sha256 of its pinned SSH host key (a new machine has a new one)."""
     if not target.host_key:
-        raise Conflict("the machine has no pinned host key")
+        raise MachineGone("the machine has no pinned host key")
     return hashlib.sha256(target.host_key.strip().encode()).hexdigest()
 
 

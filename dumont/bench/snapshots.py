@@ -200,7 +200,9 @@ class SnapshotBenchmark(Benchmark):
                 scoped_credentials(f"{BUCKET}/{prefix}", scope_secret, holder="bench", expires_at=time.time() + 86400),
                 "auto",
             )
-            restic.init(restic.LocalRunner(options["restic"], cache_dir=root / "cp-cache"), repository, tuning)
+            # the control plane creates it (machine keys cannot write a repository's config or keys)
+            restic.init(restic.LocalRunner(options["restic"], cache_dir=root / "cp-cache"),
+                        dataclasses.replace(repository, credentials=admin), tuning)
 
             source = _Machine(root, "source", public_key)
             machines.append(source)

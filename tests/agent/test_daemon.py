@@ -170,15 +170,20 @@ def test_the_config_file_holds_the_secret_and_the_command_line_does_not(live_ser
 def test_renews_the_syncs_storage_keys_before_they_expire(live_server, instance, tmp_path, settings):
     """Temporary keys (`r2`): once a quarter of their life is left, the agent asks the control plane for
     new ones before its next run; the repository password it already has stays as it is."""
-    from dumont.s3server import scoped_credentials
+    from dumont.s3server import machine_key_of
     from snapshots.models import SnapshotRepository
-    from snapshots.storage import scope_secret
+    from tests.agent.test_sync_credentials import machine_key_for
 
     instance, secret = instance
     settings.SNAPSHOT_MACHINE_CREDENTIALS, settings.SNAPSHOT_S3_BUCKET = "scoped", "dumont-test"
-    SnapshotRepository.objects.create(owner=instance.owner, prefix=f"users/{instance.owner_id}/cd34",
-                                      password="restic-password", initialized_at="2026-11-29T00:00:00Z")
-    expected = scoped_credentials(f"dumont-test/users/{instance.owner_id}/cd34", scope_secret())
+    repository = SnapshotRepository.objects.create(owner=instance.owner, prefix=f"users/{instance.owner_id}/cd34",
+                                                   password="restic-password", initialized_at="2026-11-29T00:00:00Z")
+    machine_key = machine_key_for(instance, repository)
+
+    def renewed(key_id: str) -> bool:
+        found = machine_key_of(key_id)
+        return found is not None and (found.scope, found.holder) == (f"dumont-test/{repository.prefix}",
+                                                                       machine_key.label)
     keys_log = tmp_path / "keys.log"
     script = ("import os\nwith open(os.environ['KEYS_LOG'], 'a') as f:\n"
               "    f.write(os.environ['AWS_ACCESS_KEY_ID'] + ' ' + os.environ['RESTIC_PASSWORD'] + '\\n')\n")
@@ -187,10 +192,10 @@ def test_renews_the_syncs_storage_keys_before_they_expire(live_server, instance,
                     "RESTIC_PASSWORD": "restic-password"}}
     with agent_running(tmp_path / "agent", url=live_server.url, instance_id=instance.pk, secret=secret,
                        sync=sync) as agent:
-        wait_until(lambda: keys_log.exists() and expected.access_key_id in keys_log.read_text(), timeout=20,
-                   what="a run with the renewed keys")
+        wait_until(lambda: keys_log.exists() and renewed(keys_log.read_text().splitlines()[-1].split()[0]),
+                   timeout=20, what="a run with the renewed keys")
         log = agent.log
     runs = keys_log.read_text().splitlines()
     assert runs[0] == "old-key restic-password"  # far from expiry: the keys it was given
-    assert runs[-1] == f"{expected.access_key_id} restic-password"
-    assert "renewed" in log and secret not in log and expected.secret_access_key not in log
+    assert renewed(runs[-1].split()[0]) and runs[-1].endswith(" restic-password")
+    assert "renewed" in log and secret not in log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import boto3
@@ -10,9 +11,11 @@ from botocore.exceptions import ClientError
 from django.conf import settings
 
 from dumont.core.errors import NotFound
+from dumont.s3server import machine_key_of
 from snapshots import selectors, services, storage
-from snapshots.models import Snapshot, SnapshotRepository
+from snapshots.models import MachineKey, Snapshot, SnapshotRepository
 from tests.factories import make_instance, make_user
+from tests.snapshots.conftest import BUCKET
 from tests.snapshots.helpers import install_restic_wrapper, make_workspace
 
 pytestmark = pytest.mark.django_db
@@ -37,17 +40,21 @@ def test_a_user_machine_sees_only_its_owners_repository_and_storage_key(machines
     assert bob_snapshot.status == Snapshot.Status.VERIFIED
 
     alice_repo, bob_repo = (SnapshotRepository.objects.get(owner=user) for user in (alice, bob))
-    bob_key = storage.machine_credentials(bob_repo.prefix, ttl_seconds=60)
+    bob_machine_key = MachineKey.objects.get(instance=bob_instance)
     seen = (bob_machine.home / "restic-calls.log").read_text()
     argv = [line for line in seen.splitlines() if line.startswith("ARGV")]
-    assert f"RESTIC_PASSWORD={bob_repo.password}" in seen and f"AWS_ACCESS_KEY_ID={bob_key.access_key_id}" in seen
-    assert not any(bob_repo.password in line or bob_key.secret_access_key in line for line in argv)
-    alice_key = storage.machine_credentials(alice_repo.prefix, ttl_seconds=60)
-    for never_seen in (alice_repo.password, alice_repo.prefix, alice_key.access_key_id, alice_key.secret_access_key,
-                       settings.SNAPSHOT_S3_ACCESS_KEY_ID, settings.SNAPSHOT_S3_SECRET_ACCESS_KEY):
+    key_ids = set(re.findall(r"^AWS_ACCESS_KEY_ID=(\S+)$", seen, re.MULTILINE))
+    bob_key = machine_key_of(key_ids.pop())
+    assert not key_ids and (bob_key.scope, bob_key.holder) == (f"{BUCKET}/{bob_repo.prefix}", bob_machine_key.label)
+    # the machine's own restic key, never the repository's password (the control plane's alone)
+    assert f"RESTIC_PASSWORD={bob_machine_key.password}" in seen
+    assert not any(bob_machine_key.password in line for line in argv)
+    for never_seen in (bob_repo.password, alice_repo.password, alice_repo.prefix, settings.SNAPSHOT_S3_ACCESS_KEY_ID,
+                       settings.SNAPSHOT_S3_SECRET_ACCESS_KEY):
         assert never_seen not in seen
 
     # bob's storage key opens bob's prefix and nothing else
+    bob_key = storage.machine_credentials(bob_repo.prefix, holder=bob_machine_key.label, ttl_seconds=60)
     s3 = boto3.client("s3", endpoint_url=settings.SNAPSHOT_S3_ENDPOINT, region_name="auto",
                       aws_access_key_id=bob_key.access_key_id, aws_secret_access_key=bob_key.secret_access_key)
     bucket = settings.SNAPSHOT_S3_BUCKET
@@ -55,7 +62,8 @@ def test_a_user_machine_sees_only_its_owners_repository_and_storage_key(machines
     assert not s3.list_objects_v2(Bucket=bucket, Prefix=f"{alice_repo.prefix}/").get("Contents")
     with pytest.raises(ClientError):
         s3.get_object(Bucket=bucket, Key=f"{alice_repo.prefix}/config")
-    s3.delete_object(Bucket=bucket, Key=f"{alice_repo.prefix}/config")
+    with pytest.raises(ClientError):
+        s3.delete_object(Bucket=bucket, Key=f"{alice_repo.prefix}/config")
     assert storage.client().head_object(Bucket=bucket, Key=f"{alice_repo.prefix}/config")["ContentLength"] > 0
 
     # and bob's requests for alice's snapshot are refused as if it did not exist

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import boto3
@@ -44,18 +45,23 @@ def test_repository_size_and_delete_touch_exactly_the_prefix():
     assert storage.repository_size("users/7/abc") == 5
 
 
-def test_a_scoped_key_needs_its_own_secret_and_an_unknown_key_opens_nothing():
+def test_a_scoped_key_needs_its_own_secret_and_an_unknown_or_expired_key_opens_nothing():
     storage.bucket_ensure()
-    key = scoped_credentials(f"{BUCKET}/users/8/cd", settings.SNAPSHOT_S3_SCOPE_SECRET)
-    _client(key.access_key_id, key.secret_access_key).put_object(Bucket=BUCKET, Key="users/8/cd/config", Body=b"ok")
+    scope_secret, soon = settings.SNAPSHOT_S3_SCOPE_SECRET, time.time() + 600
+    key = scoped_credentials(f"{BUCKET}/users/8/cd", scope_secret, holder="k1", expires_at=soon)
+    _client(key.access_key_id, key.secret_access_key).put_object(Bucket=BUCKET, Key="users/8/cd/data/00/x", Body=b"ok")
     assert storage.repository_size("users/8/cd") == 2
+    assert _client(key.access_key_id, key.secret_access_key).get_object(
+        Bucket=BUCKET, Key="users/8/cd/data/00/x")["Body"].read() == b"ok"
 
-    forged = scoped_credentials(f"{BUCKET}/users/8/cd", "another scope secret")
-    for key_id, secret in [(forged.access_key_id, forged.secret_access_key), ("AKIAUNKNOWNKEY000000", "x" * 40)]:
+    forged = scoped_credentials(f"{BUCKET}/users/8/cd", "another scope secret", holder="k1", expires_at=soon)
+    expired = scoped_credentials(f"{BUCKET}/users/8/cd", scope_secret, holder="k1", expires_at=time.time() - 1)
+    for key_id, secret in [(forged.access_key_id, forged.secret_access_key), ("AKIAUNKNOWNKEY000000", "x" * 40),
+                           (expired.access_key_id, expired.secret_access_key)]:
         with pytest.raises(ClientError, match="AccessDenied|SignatureDoesNotMatch|InvalidAccessKeyId"):
-            _client(key_id, secret).get_object(Bucket=BUCKET, Key="users/8/cd/config")
-    with pytest.raises(ValueError):
-        scoped_credentials(f"{BUCKET}/users/../etc", "secret")  # a scope cannot climb out of the bucket
+            _client(key_id, secret).get_object(Bucket=BUCKET, Key="users/8/cd/data/00/x")
+    with pytest.raises(ValueError):  # a scope cannot climb out of the bucket
+        scoped_credentials(f"{BUCKET}/users/../etc", "secret", holder="k1", expires_at=soon)
 
 
 def test_the_development_entry_point_serves_s3_and_prints_no_secret(tmp_path):
@@ -77,10 +83,11 @@ def test_the_development_entry_point_serves_s3_and_prints_no_secret(tmp_path):
         assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["dev-bucket"]
         assert (tmp_path / "s3" / "buckets" / "dev-bucket").is_dir()
         # with no SNAPSHOT_S3_SCOPE_SECRET, server and control plane derive the same one from SECRET_KEY
-        scoped = scoped_credentials("dev-bucket/users/1/x", scope_secret_for("", settings.SECRET_KEY))
+        scoped = scoped_credentials("dev-bucket/users/1/x", scope_secret_for("", settings.SECRET_KEY), holder="k1",
+                                    expires_at=time.time() + 600)
         user = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="auto",
                             aws_access_key_id=scoped.access_key_id, aws_secret_access_key=scoped.secret_access_key)
-        user.put_object(Bucket="dev-bucket", Key="users/1/x/config", Body=b"ok")
+        user.put_object(Bucket="dev-bucket", Key="users/1/x/data/00/ok", Body=b"ok")
     finally:
         process.send_signal(signal.SIGTERM)
         output = line + process.communicate(timeout=20)[0]
@@ -119,7 +126,7 @@ def test_r2_mode_asks_cloudflare_for_temporary_credentials_limited_to_the_prefix
         settings.SNAPSHOT_R2_ACCOUNT_ID = "acct"
         settings.SNAPSHOT_R2_API_TOKEN = "parent-token"
 
-        credentials = storage.machine_credentials("users/9/ef", ttl_seconds=3600)
+        credentials = storage.machine_credentials("users/9/ef", holder="k1", ttl_seconds=3600)
     finally:
         server.shutdown()
     assert (credentials.access_key_id, credentials.secret_access_key, credentials.session_token) == (
