@@ -152,3 +152,21 @@ def test_storage_that_does_not_answer_fails_the_snapshot(machines, settings):
 
     assert snapshot.status == Snapshot.Status.FAILED and snapshot.verified_at is None
     assert "connection refused" in snapshot.error and "restic exit 1" in snapshot.error
+
+
+def test_a_machine_key_deletes_only_the_restic_locks_its_own_holder_wrote():
+    storage.bucket_ensure()
+    scope_secret, soon = settings.SNAPSHOT_S3_SCOPE_SECRET, time.time() + 600
+    mine, other = (scoped_credentials(f"{BUCKET}/users/10/gh", scope_secret, holder=holder, expires_at=soon)
+                   for holder in ("k1", "k2"))
+    as_mine = _client(mine.access_key_id, mine.secret_access_key)
+    as_other = _client(other.access_key_id, other.secret_access_key)
+    as_mine.put_object(Bucket=BUCKET, Key="users/10/gh/locks/mine", Body=b"lock")
+    storage.client().put_object(Bucket=BUCKET, Key="users/10/gh/locks/control-plane", Body=b"lock")
+    for key in ("users/10/gh/locks/mine", "users/10/gh/locks/control-plane"):
+        with pytest.raises(ClientError, match="AccessDenied"):
+            as_other.delete_object(Bucket=BUCKET, Key=key)
+    with pytest.raises(ClientError, match="AccessDenied"):
+        as_mine.delete_object(Bucket=BUCKET, Key="users/10/gh/locks/control-plane")
+    as_mine.delete_object(Bucket=BUCKET, Key="users/10/gh/locks/mine")
+    assert storage.repository_size("users/10/gh") == 4  # the control plane's lock only
