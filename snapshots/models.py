@@ -83,10 +83,12 @@ class MachineKey(models.Model):
         state = "removed" if self.removed_at else "revoked" if self.revoked_at else "live"
         return f"restic key of instance {self.instance_id} on machine {self.machine[:12]} ({state})"
 
+    LABEL_PREFIX = "dumont-key-"
+
     @property
     def label(self) -> str:
         """Its name in the repository (`restic key list`'s host) and its holder name on storage keys."""
-        return f"dumont-key-{self.pk}"
+        return f"{self.LABEL_PREFIX}{self.pk}"
 
 
 class Snapshot(MachineAddress):

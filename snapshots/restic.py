@@ -299,38 +299,10 @@ def init(run: Runner, repository: Repository, tuning: Tuning) -> bool:
     return True
 
 
-def key_ids(run: Runner, repository: Repository, tuning: Tuning) -> dict[str, dict]:
-    """The repository's keys by full id: {id: {"current": opened with this password, "hostName": label}}.
-
-    `key list` names keys by 8-character ids; `list keys` gives the full ones (the key files' names).
-    """
-    listed = run([*tuning.global_args(repository), "--no-lock", "key", "list", "--json"], env=repository.env(),
-                 timeout=120)
-    files = run([*tuning.global_args(repository), "--no-lock", "list", "keys"], env=repository.env(), timeout=120)
-    for result in (listed, files):
-        if not result.ok:
-            raise ResticError(_reason(result, "listing keys"), exit_code=result.exit_code)
-    try:
-        keys = json.loads(listed.stdout or "[]")
-    except ValueError as exc:
-        raise ResticError(f"listing keys: restic printed no JSON ({exc})") from None
-    full_ids = files.stdout.split()
-    found = {}
-    for key in keys:
-        matches = [full for full in full_ids if full.startswith(str(key.get("id", "")))]
-        if len(matches) == 1:
-            found[matches[0]] = {"current": bool(key.get("current")), "hostName": key.get("hostName", "")}
-    return found
-
-
-def key_add(run: Runner, repository: Repository, tuning: Tuning, *, new_password: str, label: str) -> str:
-    """Add a key (password) to the repository, named `label`; returns its full id. Idempotent: a key of
-    that label added before (a crash before its id was saved) is returned instead of adding another.
-
-    The new password goes through a 0600 file that is removed at once, never argv."""
-    existing = [key_id for key_id, key in key_ids(run, repository, tuning).items() if key["hostName"] == label]
-    if existing:
-        return existing[0]
+def key_add(run: Runner, repository: Repository, tuning: Tuning, *, new_password: str, label: str) -> None:
+    """Add a key (password) to the repository, its key file naming `label` as its host (key files keep
+    that in plain JSON: storage.repository_keys finds it without restic). The new password goes through a
+    0600 file that is removed at once, never argv."""
     with tempfile.TemporaryDirectory(prefix="dumont-key-") as directory:
         password_file = Path(directory) / "password"
         password_file.touch(mode=0o600)
@@ -339,10 +311,6 @@ def key_add(run: Runner, repository: Repository, tuning: Tuning, *, new_password
                      "--host", label, "--user", "dumont"], env=repository.env(), timeout=300)
     if not added.ok:
         raise ResticError(_reason(added, "adding a machine key"), exit_code=added.exit_code)
-    created = [key_id for key_id, key in key_ids(run, repository, tuning).items() if key["hostName"] == label]
-    if len(created) != 1:
-        raise ResticError(f"adding a machine key: {len(created)} keys named {label} in the repository")
-    return created[0]
 
 
 def _progress(message: dict) -> Progress:

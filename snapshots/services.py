@@ -121,19 +121,32 @@ def machine_key_ensure(*, repository: SnapshotRepository, instance_id: int, targ
         if key.revoked_at is not None:
             raise MachineGone(f"the machine of instance {instance_id} was replaced or destroyed")
         if not key.restic_key_id:
-            key.restic_key_id = restic.key_add(_local_runner(), _control_plane_repository(repository), tuning(),
-                                               new_password=key.password, label=key.label)
+            # a key added before its id was saved (a killed worker) is used, not added twice
+            key.restic_key_id = _key_id_labelled(repository, key.label)
+            if not key.restic_key_id:
+                restic.key_add(_local_runner(), _control_plane_repository(repository), tuning(),
+                               new_password=key.password, label=key.label)
+                key.restic_key_id = _key_id_labelled(repository, key.label)
+            if not key.restic_key_id:
+                raise restic.ResticError(f"restic added key {key.label} but the repository does not list it")
             key.save(update_fields=["restic_key_id"])
     return key
 
 
+def _key_id_labelled(repository: SnapshotRepository, label: str) -> str:
+    return next((key_id for key_id, host in storage.repository_keys(repository.prefix).items() if host == label), "")
+
+
 def _control_key_ensure(repository: SnapshotRepository) -> None:
-    """Record which key the control plane's password opens (before machine keys crowd the repository)."""
+    """Record which key the control plane's password opens (restic's key hint): the repository's one key
+    that is not a machine's."""
     if repository.control_key_id:
         return
-    keys = restic.key_ids(_local_runner(), _control_plane_repository(repository), tuning())
-    repository.control_key_id = next(key_id for key_id, key in keys.items() if key["current"])
-    SnapshotRepository.objects.filter(pk=repository.pk).update(control_key_id=repository.control_key_id)
+    own = [key_id for key_id, host in storage.repository_keys(repository.prefix).items()
+           if not host.startswith(MachineKey.LABEL_PREFIX)]
+    if len(own) == 1:
+        repository.control_key_id = own[0]
+        SnapshotRepository.objects.filter(pk=repository.pk).update(control_key_id=repository.control_key_id)
 
 
 def machine_keys_revoke(*, instance_id: int, keep_machine: str = "") -> int:
@@ -166,11 +179,7 @@ def machine_keys_remove(*, batch_size: int = 100) -> int:
 
 def _key_added_unrecorded(key: MachineKey) -> str:
     """A key whose `key add` may have run before its id was saved: found by its label, or ""."""
-    repository = key.repository
-    if repository.initialized_at is None:
-        return ""
-    keys = restic.key_ids(_local_runner(), _control_plane_repository(repository), tuning())
-    return next((key_id for key_id, found in keys.items() if found["hostName"] == key.label), "")
+    return _key_id_labelled(key.repository, key.label) if key.repository.initialized_at else ""
 
 
 # ---- repositories ---------------------------------------------------------------------------

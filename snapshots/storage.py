@@ -7,6 +7,7 @@ machine gets, which open that user's prefix and nothing else (`machine_credentia
 
 from __future__ import annotations
 
+import json
 import time
 from functools import cache
 
@@ -129,6 +130,20 @@ def repository_delete(prefix: str) -> int:
         if answer.get("Errors"):
             raise StorageError(f"object storage: {len(answer['Errors'])} objects under {prefix} were not deleted")
     return len(keys)
+
+
+def repository_keys(prefix: str) -> dict[str, str]:
+    """The repository's restic key files: {key id: the host named in it}. restic stores that metadata in
+    plain JSON beside the encrypted master key, so no password (and no restic KDF) is needed to read it."""
+    keys = {}
+    for item in _keys_under(f"{prefix}/keys"):
+        body = _storage_call("read a key file", client().get_object, Bucket=settings.SNAPSHOT_S3_BUCKET,
+                             Key=item["Key"])["Body"].read()
+        try:
+            keys[item["Key"].rsplit("/", 1)[-1]] = str(json.loads(body).get("hostname", ""))
+        except (ValueError, AttributeError):
+            continue  # not a key file restic wrote: it names no host of ours
+    return keys
 
 
 def object_delete(key: str) -> None:
