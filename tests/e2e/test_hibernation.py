@@ -10,9 +10,11 @@ import pytest
 from django.test import override_settings
 
 from agent import selectors as agent_selectors
+from agent.models import AgentCredential
 from instances.models import Instance, InstanceEvent
 from instances.tasks import reconcile
-from snapshots.models import Snapshot
+from snapshots import storage
+from snapshots.models import MachineKey, Snapshot, SnapshotRepository
 from tests.e2e.conftest import CATALOGUES
 from tests.e2e.test_race import wait_for_status
 from tests.harness import celery_beat, celery_worker, wait_until
@@ -165,5 +167,14 @@ def test_the_agent_syncs_the_workspace_and_its_snapshots_are_recorded_verified(s
             snapshots = wait_until(agent_syncs_record, timeout=90, what="an agent sync to be recorded")
         periodic = Snapshot.objects.get(pk=snapshots[0])
         assert periodic.reason == "periodic" and periodic.status == "verified" and periodic.verified_at
+        # the agent synced with its machine's own restic key (storage keys that cannot delete)
+        machine_key = MachineKey.objects.get(instance=instance)
+        assert machine_key.restic_key_id and machine_key.revoked_at is None
         assert api.delete(f"/api/v1/instances/{instance.pk}").status_code == 202
         wait_for_status(instance, "destroyed")
+        # the machine went: its agent secret at once, its restic key file right after (a worker task)
+        assert not AgentCredential.objects.filter(instance=instance).exists()
+        wait_until(lambda: MachineKey.objects.filter(pk=machine_key.pk, removed_at__isnull=False).exists(),
+                   timeout=60, what="the machine's restic key to be removed")
+        prefix = SnapshotRepository.objects.get(owner=instance.owner).prefix
+        assert machine_key.restic_key_id not in storage.repository_keys(prefix)
