@@ -14,6 +14,7 @@ from instances.states import Status
 from machines.keys import control_plane_key_path
 from machines.ssh import SSHError, SSHTarget, connect
 from snapshots import restic
+from snapshots import selectors as snapshot_selectors
 from snapshots import services as snapshot_services
 from snapshots.restic import ResticError
 from snapshots.storage import StorageError
@@ -30,16 +31,25 @@ def agent_start(instance: Instance) -> bool:
     """
     secret = agent_credential_issue(instance.pk)
     target = instance.ssh_target
-    try:
-        sync = _sync(instance, target)
-    except (SSHError, ResticError, StorageError, snapshot_services.MachineGone) as exc:
-        # heartbeats matter more than the sync: start the agent without it, and say so
-        sync = None
-        instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT,
-                           message=f"agent sync not configured: {exc}", data={"error": str(exc)[:500]})
-    try:
+
+    def deploy(sync: SyncConfig | None) -> None:
         agent_deploy(target=target, private_key=control_plane_key_path(), instance_id=instance.pk, secret=secret,
                      control_plane_url=settings.AGENT_CONTROL_PLANE_URL, sync=sync)
+
+    try:
+        if settings.AGENT_SYNC_ENABLED and not snapshot_selectors.machine_key_ready(instance_id=instance.pk,
+                                                                                    target=target):
+            # a new machine's own restic key takes seconds to make (`restic key add`, two KDFs): the agent
+            # starts its heartbeats first, and is redeployed with its sync once the key is there
+            deploy(None)
+        try:
+            sync = _sync(instance, target)
+        except (SSHError, ResticError, StorageError, snapshot_services.MachineGone) as exc:
+            # heartbeats matter more than the sync: start the agent without it, and say so
+            sync = None
+            instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT,
+                               message=f"agent sync not configured: {exc}", data={"error": str(exc)[:500]})
+        deploy(sync)
     except SSHError as exc:
         log.warning("agent deploy on instance %s failed: %s", instance.pk, exc)
         instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from dumont.core.errors import NotFound
-from snapshots.models import Snapshot, SnapshotRestore
+from machines.ssh import SSHTarget
+from snapshots.models import MachineKey, Snapshot, SnapshotRestore
 
 
 def snapshots_of(user):
@@ -27,3 +30,16 @@ def snapshot_latest_verified(*, instance_id: int) -> Snapshot | None:
 
 def restores_of(user):
     return SnapshotRestore.objects.filter(owner=user)
+
+
+def machine_name(target: SSHTarget) -> str:
+    """A machine's name for its restic keys: the sha256 of its pinned SSH host key (a new machine has a new
+    one); "" for a machine with none."""
+    return hashlib.sha256(target.host_key.strip().encode()).hexdigest() if target.host_key else ""
+
+
+def machine_key_ready(*, instance_id: int, target: SSHTarget) -> bool:
+    """Whether the machine's own restic key is in its repository already (else making it takes seconds)."""
+    name = machine_name(target)
+    return bool(name) and MachineKey.objects.filter(instance_id=instance_id, machine=name, revoked_at__isnull=True
+                                                    ).exclude(restic_key_id="").exists()

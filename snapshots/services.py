@@ -12,7 +12,6 @@ a row that already finished is left alone, so a re-delivered task does nothing t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import secrets
 import shlex
@@ -30,7 +29,7 @@ from django.utils import timezone
 from dumont.core.errors import Conflict, NotFound
 from machines.keys import control_plane_key_path
 from machines.ssh import PrivateKeyLike, SSHError, SSHTarget, connect
-from snapshots import restic, storage
+from snapshots import restic, selectors, storage
 from snapshots.models import MachineKey, Snapshot, SnapshotRepository, SnapshotRestore
 from snapshots.states import status_transition
 
@@ -92,10 +91,11 @@ class MachineGone(Conflict):
 
 
 def machine_of(target: SSHTarget) -> str:
-    """A machine's name for its keys: the sha256 of its pinned SSH host key (a new machine has a new one)."""
-    if not target.host_key:
+    """A machine's name for its keys (selectors.machine_name); MachineGone for one with no pinned host key."""
+    name = selectors.machine_name(target)
+    if not name:
         raise MachineGone("the machine has no pinned host key")
-    return hashlib.sha256(target.host_key.strip().encode()).hexdigest()
+    return name
 
 
 def machine_key_ensure(*, repository: SnapshotRepository, instance_id: int, target: SSHTarget) -> MachineKey:
