@@ -59,8 +59,9 @@ def _plain_secret(ciphertext: str) -> str:
     return secret
 
 
-def authenticate(meta: dict, body: bytes) -> Agent:
-    """Check a heartbeat's headers and signature. Raises AuthFailed; never records anything; raises
+def authenticate(meta: dict, body: bytes, *, path: str) -> Agent:
+    """Check a signed agent request's headers and signature, made for this method and this endpoint's
+    `path` (a signature made for another endpoint fails). Raises AuthFailed; never records anything; raises
     redis.RedisError when Redis is unavailable (the instance's credential and status come from Redis,
     agent.mirror, fresh: the answered action follows the instance's status at once).
 
@@ -80,7 +81,8 @@ def authenticate(meta: dict, body: bytes) -> Agent:
     if found is None:
         raise AuthFailed
     ciphertext, status = found
-    expected = signature(_plain_secret(ciphertext), instance_id, timestamp, nonce, body)
+    expected = signature(_plain_secret(ciphertext), instance_id, timestamp, nonce, body, path=path,
+                         method=meta.get("REQUEST_METHOD", ""))
     if not hmac.compare_digest(expected, given):
         raise AuthFailed
     return Agent(instance_id=instance_id, instance_status=status, nonce=nonce)

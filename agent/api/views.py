@@ -22,6 +22,7 @@ from agent import services
 from agent.api.payload import heartbeat_parse
 from agent.auth import authenticate
 from agent.conf import settings
+from agent.daemon.dumont_agent import STATUS_PATH, SYNC_CREDENTIALS_PATH
 from dumont.core.errors import DomainError, ServiceUnavailable
 
 TOO_LARGE = (413, {"error": "too_large", "detail": "The heartbeat is too large."})
@@ -40,7 +41,7 @@ def status_answer(meta: dict[str, Any], read_body: Callable[[], bytes]) -> tuple
         return TOO_LARGE
     body = read_body()
     try:
-        agent = authenticate(meta, body)
+        agent = authenticate(meta, body, path=STATUS_PATH)
         heartbeat = heartbeat_parse(body)
         return 200, services.heartbeat_record(agent=agent, heartbeat=heartbeat, received_at=received_at)
     except DomainError as exc:  # failed authentication or a replay (401), bad input (400)
@@ -64,7 +65,7 @@ def sync_credentials(request: HttpRequest) -> JsonResponse:
     like a heartbeat (any body; its nonce used once); answers `{"env": {AWS_...}, "expires_at": t | null}`
     for the instance's owner's repository prefix only. The repository password never travels here."""
     try:
-        agent = authenticate(request.META, request.body)
+        agent = authenticate(request.META, request.body, path=SYNC_CREDENTIALS_PATH)
         answer = services.sync_credentials_issue(agent=agent)
     except DomainError as exc:  # failed authentication or a replay (401), no keys now (503)
         return JsonResponse(exc.body(), status=exc.http_status)

@@ -66,10 +66,12 @@ EXIT_OK, EXIT_CONFIG, EXIT_LOCKED = 0, 2, 3
 log = logging.getLogger("dumont-agent")
 
 
-def signature(secret: str, instance_id: Any, timestamp: str, nonce: str, body: bytes) -> str:
-    """The hex HMAC-SHA256 the server checks (agent.auth uses this very function)."""
+def signature(secret: str, instance_id: Any, timestamp: str, nonce: str, body: bytes, *, path: str,
+              method: str = "POST") -> str:
+    """The hex HMAC-SHA256 the server checks (agent.auth uses this very function). It names the method
+    and the endpoint's path: a heartbeat captured on the wire cannot be replayed to another endpoint."""
     base = "\n".join(
-        [SIGNATURE_SCHEME, "POST", STATUS_PATH, str(instance_id), timestamp, nonce, hashlib.sha256(body).hexdigest()]
+        [SIGNATURE_SCHEME, method, path, str(instance_id), timestamp, nonce, hashlib.sha256(body).hexdigest()]
     )
     return hmac.new(secret.encode(), base.encode(), hashlib.sha256).hexdigest()
 
@@ -470,7 +472,7 @@ class ControlPlane:
             "X-Dumont-Instance": str(self.instance_id),
             "X-Dumont-Timestamp": timestamp,
             "X-Dumont-Nonce": nonce,
-            "X-Dumont-Signature": signature(self._secret, self.instance_id, timestamp, nonce, body),
+            "X-Dumont-Signature": signature(self._secret, self.instance_id, timestamp, nonce, body, path=path),
         })
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (our URL)

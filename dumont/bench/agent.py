@@ -196,7 +196,7 @@ class HeartbeatBenchmark(Benchmark):
             head = (f"POST {STATUS_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\nX-Dumont-Instance: {instance_id}\r\n"
                     f"X-Dumont-Timestamp: {timestamp}\r\nX-Dumont-Nonce: {nonce}\r\n"
-                    f"X-Dumont-Signature: {signature(secret, instance_id, timestamp, nonce, body)}\r\n\r\n")
+                    f"X-Dumont-Signature: {signature(secret, instance_id, timestamp, nonce, body, path=STATUS_PATH)}\r\n\r\n")
             return head.encode() + body, nonce
 
         return build

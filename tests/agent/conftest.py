@@ -27,7 +27,8 @@ def reading(**fields: Any) -> dict[str, Any]:
 
 
 def signed(instance_id: int, secret: str, body: dict | bytes, *, timestamp: float | None = None,
-           nonce: str | None = None, header_instance: int | None = None) -> tuple[bytes, dict[str, str]]:
+           nonce: str | None = None, header_instance: int | None = None,
+           path: str = STATUS_URL) -> tuple[bytes, dict[str, str]]:
     """The body bytes and the headers (as Django test-client META) a DumontAgent would send."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     ts = str(int(time.time() if timestamp is None else timestamp))
@@ -36,7 +37,7 @@ def signed(instance_id: int, secret: str, body: dict | bytes, *, timestamp: floa
         "HTTP_X_DUMONT_INSTANCE": str(instance_id if header_instance is None else header_instance),
         "HTTP_X_DUMONT_TIMESTAMP": ts,
         "HTTP_X_DUMONT_NONCE": nonce,
-        "HTTP_X_DUMONT_SIGNATURE": signature(secret, instance_id, ts, nonce, raw),
+        "HTTP_X_DUMONT_SIGNATURE": signature(secret, instance_id, ts, nonce, raw, path=path),
     }
     return raw, headers
 

@@ -10,7 +10,7 @@ import pytest
 from dumont.s3server import machine_key_of
 from snapshots.models import MachineKey, SnapshotRepository
 from snapshots.services import machine_of
-from tests.agent.conftest import signed
+from tests.agent.conftest import STATUS_URL, signed
 from tests.snapshots.test_storage import _FakeCloudflare
 
 pytestmark = pytest.mark.django_db
@@ -38,7 +38,7 @@ def machine_key_for(instance, repository) -> MachineKey:
 
 
 def ask(client, instance_id: int, secret: str, **kwargs):
-    raw, headers = signed(instance_id, secret, b"{}", **kwargs)
+    raw, headers = signed(instance_id, secret, b"{}", path=URL, **kwargs)
     return client.post(URL, data=raw, content_type="application/json", **headers)
 
 
@@ -135,3 +135,15 @@ def test_a_replaced_machine_loses_its_keys_the_new_one_keeps_its_own(running, re
     old_target = type(instance.ssh_target)("h", 22, "root", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyOfTheMachine")
     with pytest.raises(MachineGone):
         machine_key_ensure(repository=repository, instance_id=instance.pk, target=old_target)
+
+
+def test_a_captured_heartbeat_cannot_be_replayed_to_sync_credentials(client, running, repository):
+    """The signature names the endpoint: a heartbeat's signature (captured on the wire) opens nothing else."""
+    instance, secret = running
+    raw, headers = signed(instance.pk, secret, b"{}")  # signed for POST /api/v1/agent/status
+    answer = client.post(URL, data=raw, content_type="application/json", **headers)
+    assert answer.status_code == 401 and "env" not in answer.json()
+    # and the other way round: keys asked for are no heartbeat
+    raw, headers = signed(instance.pk, secret, b'{"gpu_util": 0}', path=URL)
+    answer = client.post(STATUS_URL, data=raw, content_type="application/json", **headers)
+    assert answer.status_code == 401
