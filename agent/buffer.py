@@ -8,6 +8,8 @@ Keys (all under `<REDIS_KEY_PREFIX>:agent:`):
   whose flusher died is put back (see `batch_recover_stale`), and the unique nonce column makes a
   second insert of the same heartbeat a no-op.
 - `flush-requested`           set while a size-triggered flush is queued, so a busy API queues one, not thousands.
+- `dead-letter`               heartbeats PostgreSQL refused, with the reason (newest first, the last
+  AGENT_DEAD_LETTER_MAX kept), and `dead-letter-count` (a hash: instance id -> how many, for metrics).
 
 Ingestion is one Lua call (one round trip, atomic): the nonce check and the stores happen together
 or not at all, so a refused replay changes nothing.
@@ -58,6 +60,7 @@ return #items
 
 # Lua's unpack() takes at most ~8000 values: batches stay well below.
 MAX_BATCH = 5000
+MAX_DEAD_LETTER_RECORD = 20_000
 
 
 @functools.cache
@@ -217,3 +220,29 @@ def batch_recover_stale(older_than: float) -> int:
             keys=[key("processing"), key("processing", token), key("buffer")], args=[token], client=r
         )
     return returned
+
+
+def dead_letter(raw: bytes, *, reason: str) -> None:
+    """Set aside a buffered heartbeat that PostgreSQL refused, with why (an operator reads the list)."""
+    try:
+        instance_id = int(json.loads(raw)["i"])
+    except (ValueError, TypeError, KeyError, OverflowError):
+        instance_id = 0
+    entry = json.dumps({"instance": instance_id, "reason": reason, "at": time.time(),
+                        "record": raw[:MAX_DEAD_LETTER_RECORD].decode(errors="replace")})
+    pipe = client().pipeline()
+    pipe.lpush(key("dead-letter"), entry)
+    pipe.ltrim(key("dead-letter"), 0, settings.AGENT_DEAD_LETTER_MAX - 1)
+    pipe.hincrby(key("dead-letter-count"), instance_id, 1)
+    pipe.execute()
+
+
+def dead_letters() -> list[dict[str, Any]]:
+    return [json.loads(entry) for entry in client().lrange(key("dead-letter"), 0, -1)]
+
+
+def dead_letter_count(instance_ids: list[int]) -> int:
+    """How many heartbeats of these instances were set aside."""
+    if not instance_ids:
+        return 0
+    return sum(int(n or 0) for n in client().hmget(key("dead-letter-count"), instance_ids))

@@ -17,7 +17,8 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+import psycopg
+from django.db import DataError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from agent import buffer
@@ -155,7 +156,7 @@ def _insert(records: list[bytes] | list[dict[str, Any]]) -> int:
         (r if isinstance(r, bytes) else json.dumps(r, separators=(",", ":")).encode()).replace(b"\\", b"\\\\")
         for r in records
     ]
-    for _ in range(3):
+    for attempt in range(3):
         try:
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute(create)
@@ -164,8 +165,26 @@ def _insert(records: list[bytes] | list[dict[str, Any]]) -> int:
                 cursor.execute(insert)
                 return cursor.rowcount
         except IntegrityError:  # an instance was deleted between the join and the commit
-            continue
-    raise RuntimeError("heartbeat batch kept failing its foreign keys")
+            if attempt == 2:
+                raise  # not a race: a row of this batch breaks a constraint
+    raise AssertionError("unreachable")
+
+
+def _insert_or_set_aside(records: list[bytes]) -> int:
+    """`_insert`, except that a batch PostgreSQL refuses (a row it cannot take: a bad number, bad JSON,
+    a missing column) is split in halves until each refused row is alone, and those rows go to the
+    dead-letter list with the reason: one poisoned row never holds back everyone's heartbeats.
+    Errors that are not the rows' (the database is down) propagate: the batch goes back to the buffer."""
+    try:
+        return _insert(records)
+    except (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError) as exc:  # COPY: psycopg's own
+        if len(records) > 1:
+            half = len(records) // 2
+            return _insert_or_set_aside(records[:half]) + _insert_or_set_aside(records[half:])
+        reason = f"{type(exc).__name__}: {exc}".strip()[:500]
+        log.error("heartbeat set aside (dead-letter list): %s", reason)
+        buffer.dead_letter(records[0], reason=reason)
+        return 0
 
 
 def heartbeats_flush(*, batch_size: int | None = None, max_batches: int | None = None) -> int:
@@ -184,7 +203,7 @@ def heartbeats_flush(*, batch_size: int | None = None, max_batches: int | None =
         batch = buffer.batch_claim(batch_size)
         if batch is None:
             break
-        _insert(batch.raw)
+        _insert_or_set_aside(batch.raw)
         batch.ack()
         flushed += len(batch.raw)
     return flushed

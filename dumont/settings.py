@@ -344,5 +344,7 @@ AGENT_FLUSH_INTERVAL_SECONDS = env.int("AGENT_FLUSH_INTERVAL_SECONDS", default=2
 AGENT_FLUSH_BATCH_SIZE = env.int("AGENT_FLUSH_BATCH_SIZE", default=1000)
 AGENT_FLUSH_MAX_BATCHES = env.int("AGENT_FLUSH_MAX_BATCHES", default=100)
 AGENT_FLUSH_STALE_SECONDS = env.int("AGENT_FLUSH_STALE_SECONDS", default=120)
+# Heartbeats PostgreSQL refuses are set aside in a Redis dead-letter list, the newest this many kept.
+AGENT_DEAD_LETTER_MAX = env.int("AGENT_DEAD_LETTER_MAX", default=1000)
 # The sync service's period when the control plane deploys an agent with a sync command.
 AGENT_SYNC_INTERVAL_SECONDS = env.int("AGENT_SYNC_INTERVAL_SECONDS", default=300)

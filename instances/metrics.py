@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db.models import Count
 from django.utils import timezone
 
+from agent.buffer import dead_letter_count
 from instances.models import Instance, InstanceEvent
 from instances.selectors import standby_spend
 from instances.states import Status
@@ -192,6 +193,8 @@ def fleet_metrics(*, user, days: int = 30, now: datetime | None = None) -> dict:
             "machines_rented": attempts.count(),
             "loser_cost": _money(loser_cost),
         },
+        # this user's heartbeats PostgreSQL refused (agent.buffer's dead-letter list): 0 unless an agent misbehaves
+        "heartbeats_set_aside": dead_letter_count([i.pk for i in instances]),
         **timings,
     }
 

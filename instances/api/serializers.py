@@ -219,6 +219,7 @@ class MetricsSerializer(serializers.Serializer):
     race = RaceMetricsSerializer()
     wake = serializers.DictField(child=TimingSerializer(allow_null=True))
     restore = TimingSerializer(allow_null=True)
+    heartbeats_set_aside = serializers.IntegerField(help_text="heartbeats refused by the database, set aside")
 
 
 class WakeSerializer(serializers.Serializer):

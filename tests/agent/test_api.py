@@ -113,6 +113,21 @@ def test_a_rotated_secret_takes_effect_at_once(client, running):
     ({"gpu_util": 5, "state": "asleep"}, "state"),
     ({"gpu_util": 5, "sync": "ok"}, "sync"),
     ({"gpu_util": 5, "time": "yesterday"}, "time"),
+    # poison: numbers PostgreSQL (or float()) cannot take, and numbers no GPU or clock reads
+    (b'{"gpu_util": 1, "time": 1e999}', "time"),
+    (b'{"gpu_util": 1e999}', "gpu_util"),
+    (b'{"gpu_util": NaN}', "gpu_util"),
+    (b'{"gpu_util": -Infinity}', "gpu_util"),
+    (b'{"gpu_util": 1' + b"0" * 400 + b"}", "gpu_util"),
+    (b'{"gpu_util": 1, "gpus": [{"index": 0, "mem_used_mb": 1' + b"0" * 400 + b"}]}", "gpus[0].mem_used_mb"),
+    ({"gpu_util": 5, "time": time.time() - 2 * 86400}, "time"),
+    ({"gpu_util": 5, "time": time.time() + 2 * 86400}, "time"),
+    ({"gpu_util": 5, "time": 0}, "time"),
+    ({"gpu_util": 5, "gpus": [{"index": 10**6}]}, "gpus[0].index"),
+    ({"gpu_util": 5, "gpus": [{"index": 0, "mem_used_mb": 30000, "mem_total_mb": 24576}]}, "gpus[0].mem_used_mb"),
+    ({"gpu_util": 5, "gpus": [{"index": 0, "mem_total_mb": 1e12}]}, "gpus[0].mem_total_mb"),
+    (b'{"gpu_util": 5, "sync": {"last": {"duration": Infinity}}}', "sync"),
+    (b'{"gpu_util": 5, "sync": {"last": {"duration": 1e999}}}', "sync"),
 ])
 def test_a_malformed_heartbeat_is_a_400_naming_the_field(client, running, body, field):
     instance, secret = running
@@ -124,7 +139,7 @@ def test_a_malformed_heartbeat_is_a_400_naming_the_field(client, running, body, 
     assert buffer.pending() == 0
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'{"gpu_util": NaN}'])
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]"])
 def test_a_body_that_is_not_a_json_object_is_a_parse_error(client, running, raw):
     instance, secret = running
     response = post(client, *signed(instance.pk, secret, raw))

@@ -1,6 +1,7 @@
 """The Redis -> PostgreSQL path: concurrent flushers, a flusher killed mid-batch, deleted instances,
 and the selectors the hibernation work reads."""
 
+import json
 import os
 import threading
 import time
@@ -9,6 +10,7 @@ from datetime import timedelta
 import pytest
 from django.db import connection
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from agent import buffer, selectors, services
 from agent.auth import Agent
@@ -74,6 +76,38 @@ def test_heartbeats_of_a_deleted_instance_are_dropped_the_rest_stored():
     gone.delete()
     assert services.heartbeats_flush() == 6
     assert sorted(Heartbeat.objects.values_list("nonce", flat=True)) == sorted(kept_nonces)
+
+
+@pytest.mark.django_db
+def test_a_row_postgresql_refuses_is_set_aside_and_every_other_row_is_stored():
+    """One poisoned heartbeat (buffered before validation refused it, or by a bug) must not hold back
+    the fleet's: the good rows go in, the bad one to the dead-letter list with its reason."""
+    owner = make_user()
+    poisoned, other = make_instance(owner, status="running"), make_instance(make_user(), status="running")
+    good = _record(poisoned, 5) + _record(other, 5)
+    # as Redis would hold them: a time PostgreSQL cannot convert, JSON jsonb refuses, no JSON at all
+    bad = [{"i": poisoned.pk, "r": time.time(), "n": "bad-1", "u": 1, "m": {}, "s": None, "a": "running", "t": 1e300},
+           '{"i": ' + str(poisoned.pk) + ', "r": 1767000000, "n": "bad-2", "u": 1, "m": {}, "s": {"d": NaN}, '
+           '"a": "running", "t": null}', "not json"]
+    client_ = buffer.client()
+    for record in bad:
+        client_.lpush(buffer.key("buffer"), record if isinstance(record, str) else json.dumps(record))
+    good += _record(other, 5)
+
+    assert services.heartbeats_flush(batch_size=7) == 18
+    assert sorted(Heartbeat.objects.values_list("nonce", flat=True)) == sorted(good)
+    assert buffer.pending() == 0
+    letters = buffer.dead_letters()
+    assert len(letters) == 3 and all(letter["reason"] for letter in letters)
+    assert {letter["instance"] for letter in letters} == {poisoned.pk, 0}
+    assert any("bad-1" in letter["record"] for letter in letters)
+
+    api = APIClient()
+    api.force_authenticate(owner)
+    assert api.get("/api/v1/metrics").json()["heartbeats_set_aside"] == 2
+    other_api = APIClient()
+    other_api.force_authenticate(other.owner)
+    assert other_api.get("/api/v1/metrics").json()["heartbeats_set_aside"] == 0
 
 
 @pytest.mark.django_db
