@@ -8,6 +8,7 @@ from django.conf import settings
 
 from agent.deploy import SyncConfig, agent_deploy
 from agent.services import agent_credential_issue
+from dumont.core.loops import each_on_its_own
 from instances.events import instance_event_add
 from instances.models import Instance, InstanceEvent
 from instances.states import Status
@@ -71,22 +72,33 @@ def _sync(instance: Instance, target: SSHTarget) -> SyncConfig | None:
 
 
 def agent_syncs_record(*, batch_size: int = 500) -> list[int]:
-    """Periodic: record each running instance's latest agent sync as a verified periodic snapshot."""
-    from agent import selectors as agent_selectors
-
+    """Periodic: record each running instance's latest agent sync as a verified periodic snapshot. The
+    report comes from the tenant's machine: one instance's bad report is logged and skipped."""
     recorded = []
     for instance in Instance.objects.filter(status=Status.RUNNING).select_related("owner").order_by("id")[:batch_size]:
-        latest = agent_selectors.latest_heartbeat(instance.pk)
-        last = ((latest or {}).get("sync") or {}).get("last") or {}
-        try:
-            snapshot = snapshot_services.snapshot_record_periodic(owner=instance.owner, instance_id=instance.pk,
-                                                                  report=last)
-        except (ResticError, StorageError) as exc:
-            log.warning("cannot verify the agent sync of instance %s: %s", instance.pk, exc)
-            continue
-        if snapshot is not None:
-            recorded.append(snapshot.pk)
-            instance_event_add(instance=instance, kind=InstanceEvent.Kind.SNAPSHOT,
-                               message=f"periodic sync {snapshot.restic_snapshot_id[:8]}: {snapshot.status}",
-                               data={"snapshot": snapshot.pk, "status": snapshot.status})
+        with each_on_its_own("recording the agent sync", f"instance {instance.pk}"):
+            snapshot = _agent_sync_record(instance)
+            if snapshot is not None:
+                recorded.append(snapshot.pk)
     return recorded
+
+
+def _agent_sync_record(instance: Instance):
+    from agent import selectors as agent_selectors
+
+    latest = agent_selectors.latest_heartbeat(instance.pk)
+    last = ((latest or {}).get("sync") or {}).get("last") or {}
+    if not isinstance(last, dict):
+        log.warning("instance %s reports a sync that is not an object", instance.pk)
+        return None
+    try:
+        snapshot = snapshot_services.snapshot_record_periodic(owner=instance.owner, instance_id=instance.pk,
+                                                              report=last)
+    except (ResticError, StorageError) as exc:
+        log.warning("cannot verify the agent sync of instance %s: %s", instance.pk, exc)
+        return None
+    if snapshot is not None:
+        instance_event_add(instance=instance, kind=InstanceEvent.Kind.SNAPSHOT,
+                           message=f"periodic sync {snapshot.restic_snapshot_id[:8]}: {snapshot.status}",
+                           data={"snapshot": snapshot.pk, "status": snapshot.status})
+    return snapshot

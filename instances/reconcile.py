@@ -21,6 +21,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from dumont.core.locks import advisory_lock, is_locked
+from dumont.core.loops import each_on_its_own
 from instances.events import instance_event_add
 from instances.locks import LOCK_NAMESPACE
 from instances.models import Instance, InstanceEvent, StandbyMachine
@@ -64,34 +65,45 @@ def machine_is_owned(machine: ProviderInstance, provider: str) -> bool:
 
 
 def reconcile_machines() -> list[str]:
-    destroyed = []
-    for provider, _account, client in clients_for_user():
-        try:
-            machines = client.list(label_prefix=settings.DUMONT_LABEL_PREFIX)
-        except ProviderError as exc:
-            log.warning("reconcile: cannot list %s machines: %s", provider, exc)
-            continue
-        for machine in machines:
-            if machine.status == "gone" or machine_is_owned(machine, provider):
-                continue
-            try:
-                client.destroy(machine.instance_id)
-            except ProviderError as exc:
-                log.warning("reconcile: cannot destroy orphan %s/%s: %s", provider, machine.instance_id, exc)
-                continue
-            destroyed.append(f"{provider}:{machine.instance_id}")
-            parsed = _parse_label(machine.label)
-            MachineAttempt.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
-                                          destroyed_at__isnull=True).update(destroyed_at=timezone.now())
-            StandbyMachine.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
-                                          destroyed_at__isnull=True).update(destroyed_at=timezone.now())
-            instance = Instance.objects.filter(pk=parsed[0]).first() if parsed else None
-            if instance is not None:
-                instance_event_add(instance=instance, kind=InstanceEvent.Kind.RACE,
-                                   message=f"reconcile destroyed an unowned machine {machine.instance_id}",
-                                   data={"machine": machine.instance_id, "label": machine.label})
-            log.info("reconcile: destroyed orphan %s/%s (%s)", provider, machine.instance_id, machine.label)
+    destroyed: list[str] = []
+    for provider, account, client in clients_for_user():
+        # one account's odd answer (or one odd machine) must not leave every other account's orphans running
+        with each_on_its_own("reconcile", f"{provider} account {getattr(account, 'pk', None)}"):
+            _reconcile_account(provider, client, destroyed)
     return destroyed
+
+
+def _reconcile_account(provider: str, client, destroyed: list[str]) -> None:
+    try:
+        machines = client.list(label_prefix=settings.DUMONT_LABEL_PREFIX)
+    except ProviderError as exc:
+        log.warning("reconcile: cannot list %s machines: %s", provider, exc)
+        return
+    for machine in machines:
+        with each_on_its_own("reconcile", f"{provider} machine {machine.instance_id}"):
+            _reconcile_machine(provider, client, machine, destroyed)
+
+
+def _reconcile_machine(provider: str, client, machine: ProviderInstance, destroyed: list[str]) -> None:
+    if machine.status == "gone" or machine_is_owned(machine, provider):
+        return
+    try:
+        client.destroy(machine.instance_id)
+    except ProviderError as exc:
+        log.warning("reconcile: cannot destroy orphan %s/%s: %s", provider, machine.instance_id, exc)
+        return
+    destroyed.append(f"{provider}:{machine.instance_id}")
+    parsed = _parse_label(machine.label)
+    MachineAttempt.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
+                                  destroyed_at__isnull=True).update(destroyed_at=timezone.now())
+    StandbyMachine.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
+                                  destroyed_at__isnull=True).update(destroyed_at=timezone.now())
+    instance = Instance.objects.filter(pk=parsed[0]).first() if parsed else None
+    if instance is not None:
+        instance_event_add(instance=instance, kind=InstanceEvent.Kind.RACE,
+                           message=f"reconcile destroyed an unowned machine {machine.instance_id}",
+                           data={"machine": machine.instance_id, "label": machine.label})
+    log.info("reconcile: destroyed orphan %s/%s (%s)", provider, machine.instance_id, machine.label)
 
 
 def dead_work() -> list[tuple[int, str]]:

@@ -12,6 +12,7 @@ from django.db.models import OuterRef, Prefetch, Q, Subquery
 from django.utils import timezone
 
 from dumont.core.errors import NotFound
+from dumont.core.loops import each_on_its_own
 from instances.choices import Status
 from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
 
@@ -97,7 +98,12 @@ def instances_idle(*, now: datetime | None = None, batch_size: int = 500) -> lis
     candidates = Instance.objects.filter(status=Status.RUNNING, status_changed_at__lte=window_start).filter(
         Q(keep_awake_until__isnull=True) | Q(keep_awake_until__lte=now)
     ).order_by("id")[:batch_size]
-    return [i.pk for i in candidates if instance_is_idle(i, now=now) and _retry_allowed(i, now)]
+    idle = []
+    for instance in candidates:
+        with each_on_its_own("judging idleness", f"instance {instance.pk}"):
+            if instance_is_idle(instance, now=now) and _retry_allowed(instance, now):
+                idle.append(instance.pk)
+    return idle
 
 
 def instances_to_release(*, now: datetime | None = None, batch_size: int = 500) -> list[int]:

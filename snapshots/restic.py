@@ -406,6 +406,11 @@ def backup(
     )
 
 
+def is_snapshot_id(value: str) -> bool:
+    """A restic snapshot id, full or short (hex, 8 to 64 digits)."""
+    return bool(_SNAPSHOT_ID.match(value))
+
+
 def snapshots(run: Runner, repository: Repository, tuning: Tuning, *ids: str) -> list[dict]:
     """`restic snapshots --json [ids]`: what the repository lists (all snapshots without ids)."""
     for snapshot_id in ids:

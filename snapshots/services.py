@@ -660,9 +660,17 @@ def sync_credentials(*, owner, instance_id: int, target: SSHTarget) -> tuple[sto
 
 def snapshot_record_periodic(*, owner, instance_id: int, report: dict) -> Snapshot | None:
     """Record the agent's last sync (its heartbeat's `sync.last`) once, verified from the control plane:
-    it counts only if restic exited 0 and the repository lists the snapshot. Returns the new row."""
+    it counts only if restic exited 0 and the repository lists the snapshot. Returns the new row. The
+    report comes from the machine: an id that is no restic id is ignored, a duration that is no number dropped."""
     restic_id = str(report.get("snapshot_id") or "")
-    if not restic_id or Snapshot.objects.filter(instance_id=instance_id, restic_snapshot_id__startswith=restic_id).exists():
+    if not restic.is_snapshot_id(restic_id):
+        if restic_id:
+            log.warning("instance %s reports a sync with no restic snapshot id: %r", instance_id, restic_id[:80])
+        return None
+    duration = report.get("duration")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 <= duration < 10**9:
+        duration = None
+    if Snapshot.objects.filter(instance_id=instance_id, restic_snapshot_id__startswith=restic_id).exists():
         return None
     repository = repository_ensure(owner=owner)
     # only a snapshot of this very instance: a host naming another instance's snapshot (same repository)
@@ -677,5 +685,5 @@ def snapshot_record_periodic(*, owner, instance_id: int, report: dict) -> Snapsh
         owner=owner, instance_id=instance_id, reason=Snapshot.Reason.PERIODIC, restic_snapshot_id=listed or restic_id,
         status=Snapshot.Status.VERIFIED if verified else Snapshot.Status.FAILED,
         error="" if verified else f"agent sync exited {report.get('exit_code')}, snapshot listed: {bool(listed)}",
-        duration_seconds=report.get("duration"), verified_at=now if verified else None, finished_at=now,
+        duration_seconds=duration, verified_at=now if verified else None, finished_at=now,
     )
