@@ -7,6 +7,7 @@ Keys (all under `<REDIS_KEY_PREFIX>:agent:`):
 - `processing` + `processing:<token>`  batches a flusher has taken but not yet acknowledged; a batch
   whose flusher died is put back (see `batch_recover_stale`), and the unique nonce column makes a
   second insert of the same heartbeat a no-op.
+- `rate:<instance>`           heartbeats of the instance in the current AGENT_HEARTBEAT_INTERVAL_SECONDS window.
 - `flush-requested`           set while a size-triggered flush is queued, so a busy API queues one, not thousands.
 - `dead-letter`               heartbeats PostgreSQL refused, with the reason (newest first, the last
   AGENT_DEAD_LETTER_MAX kept), and `dead-letter-count` (a hash: instance id -> how many, for metrics).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -31,7 +33,13 @@ import redis
 
 from agent.conf import settings
 
+# -2: over the instance's limit (then the window's seconds left), nothing stored; -1: a replayed nonce
 _INGEST = """
+if tonumber(ARGV[6]) > 0 then
+  local sent = redis.call('INCR', KEYS[5])
+  if sent == 1 then redis.call('EXPIRE', KEYS[5], ARGV[7]) end
+  if sent > tonumber(ARGV[6]) then return {-2, redis.call('TTL', KEYS[5])} end
+end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return {-1, 0} end
 local size = redis.call('LPUSH', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
@@ -140,15 +148,31 @@ def key(*parts: object) -> str:
     return ":".join([settings.REDIS_KEY_PREFIX, "agent", *map(str, parts)])
 
 
+class RateLimited(Exception):
+    """The instance sent more heartbeats than its interval allows; nothing was stored."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(retry_after)
+        self.retry_after = max(1, retry_after)
+
+
 def ingest(*, instance_id: int, nonce: str, record: dict[str, Any]) -> tuple[bool, bool]:
-    """Store one authenticated heartbeat unless its nonce was seen. Returns (stored, flush_now)."""
+    """Store one authenticated heartbeat unless its nonce was seen. Returns (stored, flush_now); raises
+    RateLimited past AGENT_HEARTBEATS_PER_INTERVAL in the instance's current window."""
     nonce_ttl = settings.AGENT_SIGNATURE_MAX_AGE_SECONDS + settings.AGENT_CLOCK_SKEW_SECONDS + 1
+    interval = settings.AGENT_HEARTBEAT_INTERVAL_SECONDS
+    window = max(1, math.ceil(interval))  # whole seconds (EXPIRE's unit), the allowance scaled to match
+    limit = math.ceil(settings.AGENT_HEARTBEATS_PER_INTERVAL * window / interval)
     size, trigger = call_script(
         _INGEST,
-        keys=[key("nonce", instance_id, nonce), key("buffer"), key("last", instance_id), key("flush-requested")],
+        keys=[key("nonce", instance_id, nonce), key("buffer"), key("last", instance_id), key("flush-requested"),
+              key("rate", instance_id)],
         args=[nonce_ttl, json.dumps(record, separators=(",", ":")), settings.HEARTBEAT_RETENTION_HOURS * 3600,
-              settings.AGENT_FLUSH_BATCH_SIZE, settings.AGENT_FLUSH_INTERVAL_SECONDS * 5],
+              settings.AGENT_FLUSH_BATCH_SIZE, settings.AGENT_FLUSH_INTERVAL_SECONDS * 5,
+              limit, window],
     )
+    if size == -2:
+        raise RateLimited(trigger)
     return size >= 0, bool(trigger)
 
 

@@ -105,6 +105,15 @@ STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles"))
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 REDIS_KEY_PREFIX = env.str("REDIS_KEY_PREFIX", default="dumont")
 
+# ---- Rate limits (dumont/core/throttling.py): counted in Redis (REDIS_URL, under REDIS_KEY_PREFIX),
+# "<n>/<s|m|h|d>", empty for none ----
+THROTTLE_LOGIN_PER_USERNAME = env.str("THROTTLE_LOGIN_PER_USERNAME", default="10/min")
+THROTTLE_LOGIN_PER_ADDRESS = env.str("THROTTLE_LOGIN_PER_ADDRESS", default="60/min")
+THROTTLE_API_PER_USER = env.str("THROTTLE_API_PER_USER", default="1200/min")
+# Reverse proxies in front of the web servers: the client address is the one this many hops back in
+# X-Forwarded-For. 0: the socket's address (a client's own X-Forwarded-For would otherwise evade limits).
+THROTTLE_NUM_PROXIES = env.int("THROTTLE_NUM_PROXIES", default=0)
+
 # ---- REST framework, JWT, OpenAPI ----
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework_simplejwt.authentication.JWTAuthentication"],
@@ -115,6 +124,8 @@ REST_FRAMEWORK = {
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "dumont.core.errors.api_exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["dumont.core.throttling.ApiPerUserThrottle"],
+    "NUM_PROXIES": THROTTLE_NUM_PROXIES,
     "UNAUTHENTICATED_USER": None,
 }
 SIMPLE_JWT = {
@@ -337,6 +348,9 @@ AGENT_SECRET_CACHE_SECONDS = env.int("AGENT_SECRET_CACHE_SECONDS", default=60)
 # saves and deletes invalidate the entry at once, so this only bounds writes that bypass model signals.
 AGENT_MIRROR_TTL_SECONDS = env.int("AGENT_MIRROR_TTL_SECONDS", default=300)
 AGENT_MAX_BODY_BYTES = env.int("AGENT_MAX_BODY_BYTES", default=16384)
+# An instance may send this many heartbeats per AGENT_HEARTBEAT_INTERVAL_SECONDS (it sends one; retries
+# and state changes add a few); more are a 429 that stores nothing. 0: no limit.
+AGENT_HEARTBEATS_PER_INTERVAL = env.int("AGENT_HEARTBEATS_PER_INTERVAL", default=5)
 # Heartbeats are buffered in Redis and flushed to PostgreSQL in batches: every interval (beat) and as
 # soon as the buffer holds a batch. A batch taken by a flusher that never finished it goes back after
 # AGENT_FLUSH_STALE_SECONDS (the flush task's time limits stay below it).

@@ -40,6 +40,15 @@ def _clean_worker_redis():
         redis.Redis.from_url(settings.REDIS_URL).flushdb()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits():
+    """Each test starts with no request counted against any rate limit (they are kept in Redis)."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    keys = list(client.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}:throttle:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
 @pytest.fixture
 def user(db):
     return make_user()

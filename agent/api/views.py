@@ -21,6 +21,7 @@ from django.views.decorators.http import require_GET, require_POST
 from agent import services
 from agent.api.payload import heartbeat_parse
 from agent.auth import authenticate
+from agent.buffer import RateLimited
 from agent.conf import settings
 from agent.daemon.dumont_agent import STATUS_PATH, SYNC_CREDENTIALS_PATH
 from dumont.core.errors import DomainError, ServiceUnavailable
@@ -32,8 +33,10 @@ UNAVAILABLE = (ServiceUnavailable.http_status, ServiceUnavailable().body())
 
 def status_answer(meta: dict[str, Any], read_body: Callable[[], bytes]) -> tuple[int, dict[str, Any]]:
     """(HTTP status, JSON answer) for a heartbeat: `{"action": "none" | "prepare_hibernate" |
-    "shutdown", "interval": s}` when accepted. `meta`: the WSGI environ; `read_body`: its exact bytes
-    (what was signed), read only once the size is known to be acceptable."""
+    "shutdown", "interval": s}` when accepted; a 429 (more than the instance's interval allows, nothing
+    stored) carries `retry_after`, which both entry points also send as the `Retry-After` header.
+    `meta`: the WSGI environ; `read_body`: its exact bytes (what was signed), read only once the size is
+    known to be acceptable."""
     # whole microseconds: Redis's copy (Python's datetime) and PostgreSQL's (to_timestamp) then read the same
     # instant; a float between two microseconds was rounded one way by each
     received_at = round(time.time(), 6)
@@ -46,6 +49,9 @@ def status_answer(meta: dict[str, Any], read_body: Callable[[], bytes]) -> tuple
         return 200, services.heartbeat_record(agent=agent, heartbeat=heartbeat, received_at=received_at)
     except DomainError as exc:  # failed authentication or a replay (401), bad input (400)
         return exc.http_status, exc.body()
+    except RateLimited as exc:
+        return 429, {"error": "throttled", "detail": "More heartbeats than the interval allows.",
+                     "retry_after": exc.retry_after}
     except redis.RedisError:
         return UNAVAILABLE
 
@@ -55,7 +61,10 @@ def status_answer(meta: dict[str, Any], read_body: Callable[[], bytes]) -> tuple
 def agent_status(request: HttpRequest) -> JsonResponse:
     """A DumontAgent heartbeat (see status_answer)."""
     status, answer = status_answer(request.META, lambda: request.body)
-    return JsonResponse(answer, status=status)
+    response = JsonResponse(answer, status=status)
+    if status == 429:
+        response["Retry-After"] = str(answer["retry_after"])
+    return response
 
 
 @csrf_exempt

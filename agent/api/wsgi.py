@@ -93,5 +93,8 @@ def heartbeat_application(environ: dict[str, Any], start_response: Callable, dja
                 "%s: %s", HTTPStatus(status).phrase, path, extra={"status_code": status, "request": None}
             )
     body = json.dumps(answer).encode()
-    start_response(f"{status} {HTTPStatus(status).phrase}", _headers(body, secure))
+    headers = _headers(body, secure)
+    if status == 429:
+        headers.append(("Retry-After", str(answer["retry_after"])))
+    start_response(f"{status} {HTTPStatus(status).phrase}", headers)
     return [body]

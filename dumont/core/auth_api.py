@@ -12,6 +12,7 @@ from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from dumont.core.errors import DomainError
 from dumont.core.services import user_create
+from dumont.core.throttling import LoginPerAddressThrottle, LoginPerUsernameThrottle
 
 
 class LoginSerializer(TokenObtainPairSerializer):
@@ -35,6 +36,7 @@ class LoginView(TokenObtainPairView):
     serializer_class = LoginSerializer
     permission_classes = [AllowAny]
     authentication_classes = []
+    throttle_classes = [LoginPerUsernameThrottle, LoginPerAddressThrottle]
 
 
 class RefreshView(TokenRefreshView):

@@ -205,3 +205,14 @@ def test_health_needs_no_authentication_and_no_database(client, django_assert_nu
     with django_assert_num_queries(0):
         response = client.get("/api/v1/health")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_more_heartbeats_than_the_interval_allows_are_a_429_that_stores_nothing(client, running, settings):
+    settings.AGENT_HEARTBEATS_PER_INTERVAL = 2
+    instance, secret = running
+    assert [post(client, *signed(instance.pk, secret, reading())).status_code for _ in range(2)] == [200, 200]
+    refused = post(client, *signed(instance.pk, secret, reading(gpu_util=0.0)))
+    assert refused.status_code == 429 and refused.json()["error"] == "throttled"
+    assert 0 < int(refused["Retry-After"]) <= settings.AGENT_HEARTBEAT_INTERVAL_SECONDS
+    assert buffer.pending() == 2
+    assert buffer.latest(instance.pk)["u"] == 37.5  # the refused "0 %" reading is nowhere

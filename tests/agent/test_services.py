@@ -19,6 +19,12 @@ from tests.agent.conftest import reading
 from tests.factories import make_instance, make_user
 
 
+@pytest.fixture(autouse=True)
+def _no_heartbeat_limit(settings):
+    """These tests send hundreds of heartbeats per instance at once, to test the flush."""
+    settings.AGENT_HEARTBEATS_PER_INTERVAL = 0
+
+
 def _record(instance, count: int, *, gpu_util: float | None = 50.0) -> list[str]:
     nonces = []
     for _ in range(count):
