@@ -149,6 +149,7 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "dumont.core.schema.strip_trailing_slashes",
+        "dumont.core.schema.document_errors",
     ],
     "ENUM_NAME_OVERRIDES": {
         "InstanceStatusEnum": "instances.states.Status",

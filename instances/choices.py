@@ -27,6 +27,9 @@ class Status(models.TextChoices):
 # Destroying an instance keeps its snapshots: they are deleted through the snapshots API.
 TERMINAL = frozenset({Status.FAILED, Status.DESTROYED})
 ACTIVE = frozenset(set(Status) - TERMINAL)
+# An owner's instance names are unique among these. Not destroying: a failed instance's name may be in
+# use again (by a newer active instance) by the time its owner destroys it.
+NAME_TAKEN = ACTIVE - {Status.DESTROYING}
 # A provider machine is (or may be) rented in these states.
 HOLDS_MACHINE = frozenset({Status.LAUNCHING, Status.RUNNING, Status.PAUSED, Status.HIBERNATING, Status.WAKING,
                            Status.RECOVERING, Status.FAILBACK})

@@ -3,7 +3,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from dumont.core.fields import EncryptedTextField
-from instances.choices import ACTIVE, Status
+from instances.choices import NAME_TAKEN, Status
 from machines.ssh import SSHTarget
 
 
@@ -58,7 +58,7 @@ class Instance(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["owner", "name"],
-                condition=models.Q(status__in=sorted(ACTIVE)),
+                condition=models.Q(status__in=sorted(NAME_TAKEN)),
                 name="unique_active_instance_name_per_owner",
             )
         ]

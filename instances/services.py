@@ -11,10 +11,11 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from dumont.core.errors import Conflict, InvalidInput, NotFound
+from instances.choices import NAME_TAKEN
 from instances.events import instance_event_add
 from instances.models import Instance, InstanceEvent, StandbyConfig
 from instances.selectors import active_standby
-from instances.states import ACTIVE, Status, can_transition, transition
+from instances.states import Status, can_transition, transition
 from machines.clients import ACCOUNTLESS_PROVIDERS, provider_client
 from machines.models import ProviderAccount
 from machines.providers.base import provider_names
@@ -54,7 +55,7 @@ def instance_create(
                                code="account_mismatch")
     else:
         provider_client(provider)  # refuses a disabled local marketplace
-    if Instance.objects.filter(owner=owner, name=name, status__in=ACTIVE).exists():
+    if Instance.objects.filter(owner=owner, name=name, status__in=NAME_TAKEN).exists():
         raise Conflict(f"You already have an active instance named {name!r}.")
     try:
         with transaction.atomic():

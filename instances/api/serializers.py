@@ -89,6 +89,9 @@ class InstanceDetailSerializer(InstanceSerializer):
 
 
 class StandbyConfigSerializer(serializers.ModelSerializer):
+    # null until the user first saves a configuration (the defaults are shown until then)
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
     class Meta:
         model = StandbyConfig
         fields = [
@@ -131,7 +134,7 @@ class InstanceCreateSerializer(serializers.Serializer):
     gpu_name = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
     num_gpus = serializers.IntegerField(min_value=1, max_value=16, default=1)
     max_price_per_hour = serializers.DecimalField(max_digits=8, decimal_places=4, min_value=0, required=False,
-                                                  allow_null=True)
+                                                  allow_null=True, coerce_to_string=False)  # a number >= 0
     disk_gb = serializers.IntegerField(min_value=1, max_value=8192, default=50)
     image = serializers.CharField(max_length=255, default="pytorch/pytorch:latest")
     region = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
@@ -225,7 +228,8 @@ class MetricsSerializer(serializers.Serializer):
 class WakeSerializer(serializers.Serializer):
     gpu_name = serializers.CharField(max_length=64, required=False, allow_blank=True)
     region = serializers.CharField(max_length=64, required=False, allow_blank=True)
-    max_price_per_hour = serializers.DecimalField(max_digits=8, decimal_places=4, min_value=0, required=False)
+    max_price_per_hour = serializers.DecimalField(max_digits=8, decimal_places=4, min_value=0, required=False,
+                                                  coerce_to_string=False)
 
 
 class KeepAwakeSerializer(serializers.Serializer):

@@ -128,9 +128,10 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         return Response(InstanceSerializer(instance).data)
 
     @extend_schema(parameters=[EventQuerySerializer], responses=InstanceEventSerializer(many=True))
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=None, filter_backends=[])
     def events(self, request, pk=None):
-        """Events in order; `?after=<last id seen>` returns only newer ones (to follow a race live)."""
+        """Events in order, a plain list (not pages): `?after=<last id seen>` returns only newer ones (to
+        follow a race live), at most `limit`."""
         params = EventQuerySerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
         events = selectors.instance_events(

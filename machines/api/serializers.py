@@ -118,7 +118,8 @@ class BlacklistLiftSerializer(serializers.Serializer):
 class OfferQuerySerializer(serializers.Serializer):
     gpu_name = serializers.CharField(required=False, max_length=64)
     num_gpus = serializers.IntegerField(required=False, min_value=0, max_value=16)
-    max_price = serializers.DecimalField(required=False, max_digits=8, decimal_places=4, min_value=0)
+    # a number >= 0 in the schema too (as a string its pattern would allow a minus sign)
+    max_price = serializers.DecimalField(required=False, max_digits=8, decimal_places=4, min_value=0, coerce_to_string=False)
     region = serializers.CharField(required=False, max_length=64)
     interruptible = serializers.BooleanField(required=False, default=False)
     limit = serializers.IntegerField(required=False, min_value=1, max_value=200, default=64)

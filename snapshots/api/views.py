@@ -10,7 +10,7 @@ from rest_framework.response import Response
 
 from snapshots import selectors, services, tasks
 from snapshots.api.serializers import SnapshotRestoreSerializer, SnapshotSerializer
-from snapshots.filters import SnapshotFilter
+from snapshots.filters import SnapshotFilter, SnapshotRestoreFilter
 
 
 class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -30,7 +30,7 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
 
 class SnapshotRestoreViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = SnapshotRestoreSerializer
-    filterset_fields = ["instance", "snapshot", "status"]
+    filterset_class = SnapshotRestoreFilter
 
     def get_queryset(self):
         return selectors.restores_of(self.request.user)
