@@ -18,6 +18,31 @@ app = Celery("dumont")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
+# Tasks go to a queue by kind, and each queue has its own workers (docker-compose.yml, `make run`):
+# hour-long snapshots or three-round races can then never hold every worker while heartbeat flushes and
+# the lost-machine and reconcile sweeps wait until their `expires` drops them. Anything not named here
+# (destroy, pause, resume, release, standby destroy) goes to DEFAULT_QUEUE.
+DEFAULT_QUEUE = "celery"
+QUEUE_TASKS = {
+    "sweeps": [
+        "agent.tasks.flush_heartbeats", "agent.tasks.prune_heartbeats", "instances.tasks.hibernation_sweep",
+        "instances.tasks.lost_machine_sweep", "instances.tasks.standby_sweep", "instances.tasks.reconcile",
+        "instances.tasks.check_machine", "snapshots.tasks.apply_retention_all",
+    ],
+    "races": [
+        "instances.tasks.launch_race", "instances.tasks.wake_instance", "instances.tasks.recover_instance",
+        "instances.tasks.failback_instance",
+    ],
+    "snapshots": [
+        "snapshots.tasks.take_snapshot", "snapshots.tasks.restore_snapshot", "snapshots.tasks.apply_retention",
+        "instances.tasks.hibernate_instance", "instances.tasks.record_agent_syncs",
+        "instances.tasks.provision_standby", "instances.tasks.sync_standby", "instances.tasks.failover_instance",
+    ],
+}
+QUEUES = (*QUEUE_TASKS, DEFAULT_QUEUE)
+app.conf.task_default_queue = DEFAULT_QUEUE
+app.conf.task_routes = {task: {"queue": queue} for queue, tasks in QUEUE_TASKS.items() for task in tasks}
+
 
 def _periodic(task: str, every: float) -> dict:
     # `expires` = the interval: a backlog of sweeps is dropped, not replayed

@@ -7,7 +7,7 @@
   A `DATABASE_URL` naming a database that does not exist yet: it is created (or we say how).
 - Then: migrate, make sure an admin exists, and run the embedded S3 server (snapshots; unless
   `SNAPSHOT_S3_ENDPOINT` is set), the local marketplace (unless `LOCAL_MARKETPLACE_URL` is set), web
-  (127.0.0.1:`PORT`, default 8000), a Celery worker and beat under honcho, which prefixes their output and
+  (127.0.0.1:`PORT`, default 8000), a Celery worker per queue and beat under honcho, which prefixes their output and
   stops all of them on Ctrl-C.
 - Ports: only `PORT` needs to differ between two checkouts on one machine. The S3 server takes PORT+1,
   the marketplace PORT+2, the embedded Redis PORT+3 (each a free port instead when that one is taken), and
@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# queue -> worker processes (every queue of dumont.celery.QUEUES has its worker)
+WORKERS = {"sweeps": 2, "races": 2, "snapshots": 2, "celery": 1}
 # the loggers that speak for every task run, beat tick, HTTP request and start-up step: DEBUG-level chatter
 # for a person watching `make run` (quiet mode raises them to WARNING)
 ROUTINE_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "celery.beat", "celery.worker.consumer",
@@ -183,7 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     celery = [python, "-m", "celery", "-A", "dumont", *([] if verbose else ["--quiet"])]
     processes = {
         "web": [python, "manage.py", "runserver", f"127.0.0.1:{args.port}", "--noreload", "--skip-checks"],
-        "worker": [*celery, "worker", f"--loglevel={log_level}", "--concurrency=4"],
+        # a worker per queue (dumont/celery.py): long snapshots and races never hold up the sweeps
+        **{f"worker-{queue}": [*celery, "worker", f"--loglevel={log_level}", f"--queues={queue}",
+                               f"--concurrency={concurrency}", f"--hostname={queue}@%h"]
+           for queue, concurrency in WORKERS.items()},
         "beat": [*celery, "beat", f"--loglevel={log_level}", "--pidfile=",
                  "--scheduler=django_celery_beat.schedulers:DatabaseScheduler"],
     }

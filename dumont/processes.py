@@ -50,8 +50,8 @@ def wait_until(predicate: Callable[[], object], *, timeout: float, interval: flo
 
 @contextlib.contextmanager
 def celery_process(kind: str, log_dir: Path, *, args: tuple[str, ...] = (), ready_text: str, env: dict | None = None,
-                   timeout: float = 90) -> Iterator[subprocess.Popen]:
-    log_path = log_dir / f"celery-{kind}.log"
+                   timeout: float = 90, log_name: str | None = None) -> Iterator[subprocess.Popen]:
+    log_path = log_dir / f"celery-{log_name or kind}.log"
     command = [sys.executable, "-m", "celery", "-A", "dumont", kind, "--loglevel=INFO", *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -85,11 +85,16 @@ def stop_process_group(process: subprocess.Popen, *, grace: float = 10) -> None:
         process.wait(timeout=5)
 
 
-def celery_worker(log_dir: Path, *, concurrency: int = 2, env: dict | None = None):
+def celery_worker(log_dir: Path, *, concurrency: int = 2, env: dict | None = None,
+                  queues: tuple[str, ...] | None = None, name: str = "worker"):
+    """A worker consuming `queues` (default: every queue of dumont.celery, so one worker runs all work)."""
+    from dumont.celery import QUEUES
+
     return celery_process(
-        "worker", log_dir, env=env, ready_text="ready.",
+        "worker", log_dir, env=env, ready_text="ready.", log_name=name,
         args=("--pool=prefork", f"--concurrency={concurrency}", "--without-gossip", "--without-mingle",
-              "--without-heartbeat", f"--hostname=test-{os.getpid()}@%h"),
+              "--without-heartbeat", f"--queues={','.join(queues or QUEUES)}",
+              f"--hostname={name}-{os.getpid()}@%h"),
     )
 
 

@@ -286,7 +286,8 @@ class HeartbeatBenchmark(Benchmark):
         with open(log, "wb") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "dumont", "worker", "--pool=solo", "--without-gossip",
-                 "--without-mingle", "--without-heartbeat", "--loglevel=INFO", f"--hostname=bench-{os.getpid()}@%h"],
+                 "--without-mingle", "--without-heartbeat", "--loglevel=INFO", "--queues=sweeps",
+                 f"--hostname=bench-{os.getpid()}@%h"],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )

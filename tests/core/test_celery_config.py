@@ -66,3 +66,23 @@ def test_each_xdist_worker_has_its_own_redis_database_and_key_prefix_and_so_do_i
     env = subprocess_env()
     assert env["REDIS_URL"] == settings.REDIS_URL and env["REDIS_KEY_PREFIX"] == settings.REDIS_KEY_PREFIX
     assert "PYTEST_XDIST_WORKER" not in env  # the subprocess takes them as they are, not split again
+
+
+def test_every_task_has_a_queue_and_every_queue_its_workers():
+    import yaml
+
+    from dumont import devrun
+    from dumont.celery import DEFAULT_QUEUE, QUEUE_TASKS, QUEUES, app
+
+    app.loader.import_default_modules()
+    ours = {name for name in app.tasks if name.split(".")[0] in {"agent", "instances", "snapshots", "machines"}}
+    routed = {task for tasks in QUEUE_TASKS.values() for task in tasks}
+    assert routed <= ours  # no route names a task that does not exist
+    assert {"agent.tasks.flush_heartbeats", "instances.tasks.lost_machine_sweep",
+            "instances.tasks.reconcile"} <= set(QUEUE_TASKS["sweeps"])
+    assert "snapshots.tasks.take_snapshot" not in QUEUE_TASKS["sweeps"]
+    assert set(devrun.WORKERS) == set(QUEUES)
+    compose = yaml.safe_load((devrun.REPO / "docker-compose.yml").read_text())["services"]
+    consumed = {arg.split("=", 1)[1] for service in compose.values() for arg in service.get("command", [])
+                if isinstance(arg, str) and arg.startswith("--queues=")}
+    assert consumed == set(QUEUES) and DEFAULT_QUEUE in consumed
