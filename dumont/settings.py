@@ -27,6 +27,10 @@ SECRET_KEY = env.str("SECRET_KEY") if PRODUCTION else env.str("SECRET_KEY", defa
 DUMONT_ENCRYPTION_KEYS = env.list("DUMONT_ENCRYPTION_KEYS") if PRODUCTION else env.list(
     "DUMONT_ENCRYPTION_KEYS", default=[]
 )
+if PRODUCTION and (DEBUG or len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5):
+    # an error, not check --deploy's warning: a production process with either must never start
+    raise environ.ImproperlyConfigured("production refuses DEBUG on and a SECRET_KEY shorter than 50 characters "
+                                       "(or of fewer than 5 distinct characters)")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[] if PRODUCTION else ["127.0.0.1", "localhost", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -203,6 +207,9 @@ DUMONT_DATA_DIR = Path(env.str("DUMONT_DATA_DIR", default=str(BASE_DIR / ".dumon
 # ---- Providers ----
 # The embedded local marketplace (machines/providers/local): on by default in development, off in production.
 LOCAL_MARKETPLACE_ENABLED = env.bool("LOCAL_MARKETPLACE_ENABLED", default=not PRODUCTION)
+if PRODUCTION and LOCAL_MARKETPLACE_ENABLED:
+    # its "machines" are processes on this host, reachable by anyone who can rent one
+    raise environ.ImproperlyConfigured("production refuses the local marketplace (LOCAL_MARKETPLACE_ENABLED)")
 LOCAL_MARKETPLACE_URL = env.str("LOCAL_MARKETPLACE_URL", default=f"http://127.0.0.1:{PORT + 2}")
 VASTAI_API_URL = env.str("VASTAI_API_URL", default="https://console.vast.ai/api/v0/")
 RUNPOD_API_URL = env.str("RUNPOD_API_URL", default="https://api.runpod.io/graphql")

@@ -81,12 +81,18 @@ def _storage_cost(repository_bytes: int, hours: Decimal) -> Decimal:
 
 
 def _repository_bytes(instances: list[Instance]) -> dict[int, int]:
-    """Each instance's share of storage: its owner's whole repository (conservative: not split)."""
-    from snapshots.models import SnapshotRepository
+    """Each instance's own share of its owner's snapshot storage: the new data its kept snapshots added
+    to the (deduplicated) repository, capped by the repository's measured size. Never the whole
+    repository per instance: an owner with ten instances would be charged ten times over."""
+    from django.db.models import Sum
+
+    from snapshots.models import Snapshot, SnapshotRepository
 
     sizes = dict(SnapshotRepository.objects.filter(owner__in={i.owner_id for i in instances})
                  .values_list("owner_id", "size_bytes"))
-    return {i.pk: sizes.get(i.owner_id) or 0 for i in instances}
+    added = dict(Snapshot.objects.filter(instance__in=instances, status=Snapshot.Status.VERIFIED)
+                 .values("instance_id").annotate(total=Sum("added_bytes")).values_list("instance_id", "total"))
+    return {i.pk: min(added.get(i.pk) or 0, sizes.get(i.owner_id) or 0) for i in instances}
 
 
 def savings_report(*, user=None, days: int, now: datetime | None = None) -> dict:

@@ -154,8 +154,11 @@ class _Race:
             return self._loop()
         except Exception as exc:
             log.exception("race of instance %s crashed", self.instance.pk)
-            self._end_everything(Outcome.ABANDONED, f"race error: {exc}")
-            self._fail(f"race error: {exc}")
+            # the exception's text can name hosts, URLs or a provider's raw answer: it goes to the log
+            # (above); the owner reads a clear reason
+            reason = f"the launch race stopped on an internal error ({type(exc).__name__}); operators have the details"
+            self._end_everything(Outcome.ABANDONED, reason)
+            self._fail(reason)
             raise
         finally:
             self.stop.set()

@@ -43,6 +43,14 @@ def provider_account_delete(*, owner, account_id: int) -> None:
             raise NotFound("No such provider account.")
         if account.instances.exclude(status__in=("destroyed", "failed")).exists():
             raise Conflict("Instances still use this provider account; destroy them first.")
+        # a standby machine rented through this account that is not destroyed yet: without the account,
+        # reconcile could no longer list it, and it would run (and bill) unseen
+        if account.standbys.filter(destroyed_at__isnull=True).exclude(status="failed", provider_instance_id="").exists():
+            raise Conflict("A CPU standby still runs on this provider account; disable standbys (or wait for "
+                           "its destroy) first.", data={"reason": "standby"})
+        # what is left are finished rows (their machines are gone): they keep their history, not the account
+        account.instances.update(provider_account=None)
+        account.standbys.update(provider_account=None)
         account.delete()
 
 

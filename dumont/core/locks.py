@@ -7,26 +7,29 @@ also how the reconcile task tells a live race from a dead one (`is_locked`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
-import zlib
 from collections.abc import Iterator
 
 from django.db import connection
 
 
-def _keys(namespace: str, key: int) -> tuple[int, int]:
-    return zlib.crc32(namespace.encode()) & 0x7FFFFFFF, int(key)
+def _key(namespace: str, key: int) -> int:
+    """One signed 64-bit lock key from the namespace and the whole id (ids are bigints: the two-int4
+    form of the lock would overflow past 2**31, or alias ids that share their low 32 bits)."""
+    digest = hashlib.blake2b(f"{namespace}:{int(key)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _try_lock(namespace: str, key: int) -> bool:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", _keys(namespace, key))
+        cursor.execute("SELECT pg_try_advisory_lock(%s::bigint)", [_key(namespace, key)])
         return bool(cursor.fetchone()[0])
 
 
 def _unlock(namespace: str, key: int) -> None:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_unlock(%s, %s)", _keys(namespace, key))
+        cursor.execute("SELECT pg_advisory_unlock(%s::bigint)", [_key(namespace, key)])
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import pytest
 from instances import metrics
 from instances.models import InstanceEvent
 from machines.models import MachineAttempt
-from snapshots.models import SnapshotRepository
+from snapshots.models import Snapshot, SnapshotRepository
 from tests.factories import make_instance
 
 pytestmark = pytest.mark.django_db
@@ -31,6 +31,8 @@ def attempt(instance, at, outcome, cost, seconds=None):
 def ledger(user):
     SnapshotRepository.objects.create(owner=user, prefix=f"users/{user.pk}", password="x", size_bytes=2 * 10**9)
     box = make_instance(user, status="running", gpu_name="RTX 4090")
+    # the whole repository is this instance's: its snapshots added all of it
+    Snapshot.objects.create(owner=user, instance=box, reason="hibernate", status="verified", added_bytes=2 * 10**9)
     status_event(box, T0 - timedelta(hours=2), "launching", "running", price_per_hour="0.40", gpu_name="RTX 4090")
     attempt(box, T0 - timedelta(hours=2, minutes=1), "won", "0.002", seconds=42.0)
     attempt(box, T0 - timedelta(hours=2, minutes=1), "lost", "0.003")  # a launch loser: not a wake cost
@@ -64,6 +66,21 @@ def test_savings_match_the_hand_computation_to_the_cent(user, ledger):
     assert daily == {"2026-11-20": Decimal("1.599836"), "2026-11-21": Decimal("2.387753")}
     assert sum(daily.values()) == totals["net_savings"]
     assert report["projected_month"] == Decimal("3.987589")  # 30-day window: the month is the window
+
+
+def test_each_instance_pays_its_own_share_of_the_repository_not_all_of_it(user):
+    SnapshotRepository.objects.create(owner=user, prefix=f"users/{user.pk}", password="x", size_bytes=2 * 10**9)
+    big, small = make_instance(user, status="hibernated"), make_instance(user, status="hibernated")
+    Snapshot.objects.create(owner=user, instance=big, reason="hibernate", status="verified", added_bytes=15 * 10**8)
+    Snapshot.objects.create(owner=user, instance=small, reason="hibernate", status="verified", added_bytes=5 * 10**8)
+    Snapshot.objects.create(owner=user, instance=small, reason="manual", status="deleted", added_bytes=9 * 10**9)
+    for box in (big, small):
+        status_event(box, T0, "hibernating", "hibernated", price_per_hour="0.40", gpu_name="RTX 4090")
+    report = metrics.savings_report(user=user, days=30, now=T0 + timedelta(hours=10))
+    storage = {row["instance"]: row["storage_cost"] for row in report["per_instance"]}
+    # 1.5 GB and 0.5 GB x $0.015/GB-month x 10 h / 730 h; together the repository's 2 GB, charged once
+    assert storage == {big.pk: Decimal("0.000308"), small.pk: Decimal("0.000103")}
+    assert report["totals"]["storage_cost"] == Decimal("0.000411")
 
 
 def test_a_window_that_cuts_the_hibernation_counts_only_its_part(user, ledger):

@@ -104,3 +104,26 @@ def test_gcp_account_refuses_what_is_not_a_service_account_key(api):
     # the same text is a fine key for a provider whose keys are opaque strings
     assert api.post("/api/v1/provider-accounts", {"provider": "vastai", "name": "v", "api_key": "not json at all"},
                     format="json").status_code == 201
+
+
+def test_an_account_a_live_standby_uses_is_a_409_and_a_finished_one_does_not_block(api, user):
+    from django.utils import timezone
+
+    from instances.models import StandbyMachine
+    from tests.factories import make_instance
+
+    account_id = api.post("/api/v1/provider-accounts", {"provider": "runpod", "name": "r", "api_key": API_KEY},
+                          format="json").json()["id"]
+    instance = make_instance(user, status="destroyed")
+    standby = StandbyMachine.objects.create(
+        instance=instance, provider="runpod", provider_account_id=account_id, provider_instance_id="pod-1",
+        status="ready", label=f"{instance.label}-s1", mirror_private_key="k", mirror_public_key="ssh-ed25519 C")
+    refused = api.delete(f"/api/v1/provider-accounts/{account_id}")
+    # deleting it would hide a running machine from reconcile (it lists machines per account)
+    assert refused.status_code == 409 and "standby" in refused.json()["detail"]
+    assert ProviderAccount.objects.filter(pk=account_id).exists()
+
+    StandbyMachine.objects.filter(pk=standby.pk).update(status="destroyed", destroyed_at=timezone.now())
+    assert api.delete(f"/api/v1/provider-accounts/{account_id}").status_code == 204
+    standby.refresh_from_db()
+    assert standby.provider_account_id is None and standby.provider_instance_id == "pod-1"  # history kept
