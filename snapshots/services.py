@@ -27,6 +27,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from dumont.core.errors import Conflict, NotFound
+from dumont.core.locks import lock_key
 from machines.keys import control_plane_key_path
 from machines.ssh import PrivateKeyLike, SSHError, SSHTarget, connect
 from snapshots import restic, selectors, storage
@@ -545,7 +546,7 @@ def snapshots_apply_retention(*, owner) -> RetentionResult:
     """Expire what the policy no longer keeps, forget it (and deleted ones) in restic, prune, measure."""
     with transaction.atomic():
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_xact_lock(hashtext('snapshots.retention'), %s)", [owner.pk])
+            cursor.execute("SELECT pg_try_advisory_xact_lock(%s::bigint)", [lock_key("snapshots.retention", owner.pk)])
             if not cursor.fetchone()[0]:
                 return RetentionResult([], [], skipped="another retention run of this user is running")
         return _apply_retention(owner)

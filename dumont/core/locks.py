@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from django.db import connection
 
 
-def _key(namespace: str, key: int) -> int:
+def lock_key(namespace: str, key: int) -> int:
     """One signed 64-bit lock key from the namespace and the whole id (ids are bigints: the two-int4
     form of the lock would overflow past 2**31, or alias ids that share their low 32 bits)."""
     digest = hashlib.blake2b(f"{namespace}:{int(key)}".encode(), digest_size=8).digest()
@@ -23,13 +23,13 @@ def _key(namespace: str, key: int) -> int:
 
 def _try_lock(namespace: str, key: int) -> bool:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s::bigint)", [_key(namespace, key)])
+        cursor.execute("SELECT pg_try_advisory_lock(%s::bigint)", [lock_key(namespace, key)])
         return bool(cursor.fetchone()[0])
 
 
 def _unlock(namespace: str, key: int) -> None:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_unlock(%s::bigint)", [_key(namespace, key)])
+        cursor.execute("SELECT pg_advisory_unlock(%s::bigint)", [lock_key(namespace, key)])
 
 
 @contextlib.contextmanager
