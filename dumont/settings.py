@@ -240,6 +240,14 @@ HIBERNATION_SWEEP_SECONDS = env.float("HIBERNATION_SWEEP_SECONDS", default=15.0)
 HIBERNATE_RETRY_BASE_SECONDS = env.float("HIBERNATE_RETRY_BASE_SECONDS", default=60.0)
 HIBERNATE_RETRY_MAX_SECONDS = env.float("HIBERNATE_RETRY_MAX_SECONDS", default=3600.0)
 HIBERNATION_RELEASE_SECONDS = env.float("HIBERNATION_RELEASE_SECONDS", default=1800.0)
+# A hibernation tells the agent to prepare (no new sync) and waits this long for its `hibernate_ready`
+# before the final incremental pass; without the answer it runs two passes.
+HIBERNATE_AGENT_READY_SECONDS = env.float("HIBERNATE_AGENT_READY_SECONDS", default=60.0)
+# This many hibernations failed in a row: an operator alert, and the user sees why and what it costs.
+HIBERNATE_ALERT_AFTER_FAILURES = env.int("HIBERNATE_ALERT_AFTER_FAILURES", default=3)
+# `restic check --read-data-subset` the control plane runs after a hibernation's backup, before the
+# destroy: how much of the repository's pack data it reads back ("5%", "64M", "1/10"; empty: no read).
+SNAPSHOT_VERIFY_READ_SUBSET = env.str("SNAPSHOT_VERIFY_READ_SUBSET", default="64M")
 
 # The agent's periodic incremental backup (its sync service), and how often the control plane records
 # (and verifies) the syncs agents report as periodic snapshots.
@@ -256,9 +264,17 @@ AGENT_CONTROL_PLANE_URL = env.str("AGENT_CONTROL_PLANE_URL", default=f"http://12
 SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH = env.float("SNAPSHOT_STORAGE_PRICE_PER_GB_MONTH", default=0.015)
 
 # ---- Lost machines and recovery (instances/lost.py), CPU standby (instances/standby.py) ----
-# A machine is lost when its heartbeats stopped for longer than this AND the provider says it is gone
-# (or stopped) or SSH does not answer (LOST_SSH_TRIES tries of LOST_SSH_TIMEOUT_SECONDS).
+# A machine is checked when its heartbeats stopped for longer than this. It is lost (destroyed, recovered
+# elsewhere) only when the provider says it is gone or failed for good; running but not answering SSH
+# (LOST_SSH_TRIES tries of LOST_SSH_TIMEOUT_SECONDS) it is `unreachable` and kept.
 LOST_MACHINE_SECONDS = env.float("LOST_MACHINE_SECONDS", default=60.0)
+# An unreachable machine is re-checked every sweep; after this long it is flagged for the operator
+# (an OperatorAlert), never destroyed on its own.
+UNREACHABLE_GRACE_SECONDS = env.float("UNREACHABLE_GRACE_SECONDS", default=1800.0)
+# More than this share of the running instances (and at least LOST_FLEET_SILENT_MIN) silent in one sweep:
+# the likely cause is our own network; the sweep judges nobody and raises an operator alert.
+LOST_FLEET_SILENT_SHARE = env.float("LOST_FLEET_SILENT_SHARE", default=0.2)
+LOST_FLEET_SILENT_MIN = env.int("LOST_FLEET_SILENT_MIN", default=3)
 LOST_SWEEP_SECONDS = env.float("LOST_SWEEP_SECONDS", default=10.0)
 LOST_SSH_TIMEOUT_SECONDS = env.float("LOST_SSH_TIMEOUT_SECONDS", default=10.0)
 LOST_SSH_TRIES = env.int("LOST_SSH_TRIES", default=2)

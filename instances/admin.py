@@ -4,7 +4,14 @@ from django.urls import path
 
 from dumont.core.errors import DomainError
 from instances import metrics, services
-from instances.models import Instance, InstanceEvent, StandbyConfig, StandbyMachine
+from instances.models import (
+    Instance,
+    InstanceEvent,
+    OperatorAlert,
+    StandbyConfig,
+    StandbyMachine,
+    UnreachableMachine,
+)
 from machines.models import MachineAttempt
 
 
@@ -124,3 +131,26 @@ class StandbyMachineAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+
+@admin.register(OperatorAlert)
+class OperatorAlertAdmin(admin.ModelAdmin):
+    """What only an operator can judge: fleet-wide silence, a machine unreachable past its grace, a
+    hibernation that keeps failing. Resolve one by setting its resolved time."""
+
+    list_display = ["created_at", "kind", "message", "instance", "resolved_at"]
+    list_filter = ["kind", ("resolved_at", admin.EmptyFieldListFilter)]
+    readonly_fields = ["kind", "key", "message", "data", "instance", "created_at"]
+    ordering = ["-id"]
+
+
+@admin.register(UnreachableMachine)
+class UnreachableMachineAdmin(admin.ModelAdmin):
+    """Silent machines kept because they may hold unsaved work (instances/lost.py)."""
+
+    list_display = ["id", "instance", "provider", "provider_instance_id", "host_id", "state", "checks", "created_at",
+                    "flagged_at", "resolved_at"]
+    list_filter = ["state", "provider"]
+    readonly_fields = ["instance", "provider", "provider_account", "provider_instance_id", "host_id", "ssh_host",
+                       "ssh_port", "ssh_user", "ssh_host_key", "price_per_hour", "reason", "checks", "last_checked_at",
+                       "flagged_at", "created_at"]

@@ -8,8 +8,10 @@ from django.conf import settings
 
 from agent.deploy import SyncConfig, agent_deploy
 from agent.services import agent_credential_issue
+from dumont.core.locks import advisory_lock
 from dumont.core.loops import each_on_its_own
 from instances.events import instance_event_add
+from instances.locks import LOCK_NAMESPACE
 from instances.models import Instance, InstanceEvent
 from instances.states import Status
 from machines.keys import control_plane_key_path
@@ -75,8 +77,17 @@ def agent_syncs_record(*, batch_size: int = 500) -> list[int]:
     """Periodic: record each running instance's latest agent sync as a verified periodic snapshot. The
     report comes from the tenant's machine: one instance's bad report is logged and skipped."""
     recorded = []
-    for instance in Instance.objects.filter(status=Status.RUNNING).select_related("owner").order_by("id")[:batch_size]:
-        with each_on_its_own("recording the agent sync", f"instance {instance.pk}"):
+    for instance_id in Instance.objects.filter(status=Status.RUNNING).order_by("id").values_list("id", flat=True)[
+            :batch_size]:
+        # under the lifecycle lock, still running: a sync reported by a machine that is being hibernated or
+        # replaced meanwhile is never recorded after (and sorted above) that hibernation's snapshot
+        with each_on_its_own("recording the agent sync", f"instance {instance_id}"), \
+                advisory_lock(LOCK_NAMESPACE, instance_id) as acquired:
+            if not acquired:
+                continue  # a lifecycle task has it: the next round records the sync
+            instance = Instance.objects.select_related("owner").get(pk=instance_id)
+            if instance.status != Status.RUNNING:
+                continue
             snapshot = _agent_sync_record(instance)
             if snapshot is not None:
                 recorded.append(snapshot.pk)

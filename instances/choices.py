@@ -20,6 +20,11 @@ class Status(models.TextChoices):
     FAILOVER = "failover"
     # ...until a new GPU is raced for and the standby's workspace copied back to it
     FAILBACK = "failback"
+    # a pause the provider has not finished yet: never judged by the lost sweep
+    PAUSING = "pausing"
+    # silent, reported running by its provider, SSH does not answer: kept (it may hold unsaved work),
+    # re-checked every lost sweep (instances/lost.py)
+    UNREACHABLE = "unreachable"
 
 
 # Terminal: nothing is rented and nothing will happen on its own. A failed instance can still be
@@ -31,7 +36,7 @@ ACTIVE = frozenset(set(Status) - TERMINAL)
 # use again (by a newer active instance) by the time its owner destroys it.
 NAME_TAKEN = ACTIVE - {Status.DESTROYING}
 # A provider machine is (or may be) rented in these states.
-HOLDS_MACHINE = frozenset({Status.LAUNCHING, Status.RUNNING, Status.PAUSED, Status.HIBERNATING, Status.WAKING,
-                           Status.RECOVERING, Status.FAILBACK})
+HOLDS_MACHINE = frozenset({Status.LAUNCHING, Status.RUNNING, Status.PAUSING, Status.PAUSED, Status.HIBERNATING,
+                           Status.WAKING, Status.RECOVERING, Status.FAILBACK, Status.UNREACHABLE})
 # A CPU standby may exist (or be wanted) in these states; in any other its machine is destroyed.
-KEEPS_STANDBY = frozenset({Status.RUNNING, Status.RECOVERING, Status.FAILOVER, Status.FAILBACK})
+KEEPS_STANDBY = frozenset({Status.RUNNING, Status.RECOVERING, Status.FAILOVER, Status.FAILBACK, Status.UNREACHABLE})

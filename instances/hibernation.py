@@ -4,8 +4,14 @@
   heartbeats came throughout the window (no gap over HEARTBEAT_MAX_GAP_SECONDS, none missing at either
   end). Missing heartbeats are never idleness; a single sample at or above the threshold resets the clock;
   keep-awake-until suspends it. (The reads: instances.selectors.instances_idle / instances_to_release.)
-- **Hibernate** = verified snapshot -> destroy the machine -> `hibernated`. If the snapshot fails, the
-  machine is not touched, the instance goes back to `running` and the next try waits (backoff). The
+- **Hibernate** = the agent told to prepare (`hibernating`: it starts no new sync and answers
+  `hibernate_ready` once none runs) -> the final incremental snapshot, taken after that answer (without
+  one within HIBERNATE_AGENT_READY_SECONDS: two passes, the second catching what the first missed) ->
+  verified by the control plane (listed in the repository, and a `restic check --read-data-subset`
+  sample read back) -> destroy the machine -> `hibernated`. An empty workspace is a valid, empty
+  snapshot. If the snapshot fails, the machine is not touched, the instance goes back to `running` and
+  the next try waits (backoff); after HIBERNATE_ALERT_AFTER_FAILURES failures in a row, an operator
+  alert, and the user's status reason says why and what the idle machine has cost since. The
   destroy happens only after a verified hibernation snapshot of this hibernation exists, so a worker killed
   at any point never leaves a destroyed machine without one: the resumed task finds the snapshot (or takes
   it again) first.
@@ -21,12 +27,13 @@ from __future__ import annotations
 import logging
 import time
 
+from django.conf import settings
 from django.utils import timezone
 
 from dumont.core.locks import advisory_lock
-from instances.events import events_for, instance_event_add
+from instances.events import events_for, instance_event_add, operator_alert, operator_alert_resolve
 from instances.locks import instance_locked
-from instances.models import Instance, InstanceEvent
+from instances.models import Instance, InstanceEvent, OperatorAlert
 from instances.relaunch import relaunch
 from instances.selectors import instances_idle, instances_to_release
 from instances.states import MACHINE_FIELDS_CLEARED, Status, transition
@@ -56,7 +63,8 @@ def hibernation_sweep(*, batch_size: int = 500) -> dict:
 
 
 def _hibernation_snapshot(instance: Instance) -> Snapshot:
-    """The verified snapshot of *this* hibernation: found (a resumed task), resumed, or taken now."""
+    """The verified snapshot of *this* hibernation: found (a resumed task), resumed, or taken now: after
+    the agent answered `hibernate_ready`, or in two passes when it does not answer in time."""
     ours = Snapshot.objects.filter(instance=instance, reason=Snapshot.Reason.HIBERNATE,
                                    created_at__gte=instance.status_changed_at)
     verified = ours.filter(status=Snapshot.Status.VERIFIED).order_by("-id").first()
@@ -65,9 +73,57 @@ def _hibernation_snapshot(instance: Instance) -> Snapshot:
     on_event = events_for(instance)
     unfinished = Snapshot.objects.filter(instance=instance, status__in=Snapshot.ACTIVE).order_by("-id").first()
     if unfinished:  # its worker died mid-backup: run it again
-        return snapshot_services.snapshot_run(snapshot_id=unfinished.pk, on_event=on_event)
+        return snapshot_services.snapshot_run(snapshot_id=unfinished.pk, on_event=on_event, read_back=True)
+    ready = _agent_ready(instance)
+    instance_event_add(instance=instance, kind=InstanceEvent.Kind.HIBERNATE,
+                       message="the agent is ready (no sync running): the final pass" if ready else
+                       "the agent did not answer hibernate_ready in time: two passes",
+                       data={"agent_ready": ready})
+    if not ready:  # a sync may still be writing, or the agent is gone: the second pass catches the rest
+        first = snapshot_services.snapshot_take(owner=instance.owner, instance_id=instance.pk,
+                                                target=instance.ssh_target, reason=Snapshot.Reason.PERIODIC,
+                                                on_event=on_event)
+        if first.status != Snapshot.Status.VERIFIED:
+            return first
     return snapshot_services.snapshot_take(owner=instance.owner, instance_id=instance.pk, target=instance.ssh_target,
-                                           reason=Snapshot.Reason.HIBERNATE, on_event=on_event)
+                                           reason=Snapshot.Reason.HIBERNATE, on_event=on_event, read_back=True)
+
+
+def _agent_ready(instance: Instance) -> bool:
+    """Wait (bounded) for a heartbeat saying `hibernate_ready`, sent after this hibernation began."""
+    from agent import selectors as agent_selectors
+
+    deadline = time.monotonic() + settings.HIBERNATE_AGENT_READY_SECONDS
+    while True:
+        latest = agent_selectors.latest_heartbeat(instance.pk)
+        if latest and latest["agent_state"] == "hibernate_ready" and latest["received_at"] >= instance.status_changed_at:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
+def hibernation_failure_reason(instance: Instance, snapshot: Snapshot) -> str:
+    """The reason the user sees; after HIBERNATE_ALERT_AFTER_FAILURES failures in a row, with what the idle
+    machine has cost since the first of them, and an operator alert."""
+    streak = []
+    for event in instance.events.filter(kind=InstanceEvent.Kind.HIBERNATE).order_by("-id")[:100]:
+        if event.data.get("failed"):
+            streak.append(event)
+        elif event.message == "hibernated":
+            break
+    if len(streak) < settings.HIBERNATE_ALERT_AFTER_FAILURES:
+        return f"hibernation aborted: the snapshot failed ({snapshot.error})"
+    since = streak[-1].created_at
+    price = instance.price_per_hour or 0
+    cost = float(price) * (timezone.now() - since).total_seconds() / 3600
+    message = (f"hibernation keeps failing ({len(streak)} times in a row since {since:%Y-%m-%d %H:%M} UTC; last: "
+               f"{snapshot.error}); the idle machine keeps running at ${price}/h: ${cost:.2f} since the first failure")
+    operator_alert(kind=OperatorAlert.Kind.HIBERNATION_FAILING, key=f"hibernation:{instance.pk}",
+                   message=f"instance {instance.pk}: {message}", instance=instance,
+                   data={"failures": len(streak), "since": since.isoformat(), "cost_usd": round(cost, 4),
+                         "price_per_hour": str(price), "error": snapshot.error[:500]})
+    return message
 
 
 def instance_hibernate_run(instance_id: int, *, reason: str = "idle") -> str:
@@ -84,16 +140,18 @@ def instance_hibernate_run(instance_id: int, *, reason: str = "idle") -> str:
                                message=f"hibernation aborted, the machine keeps running: {snapshot.error}",
                                data={"failed": True, "snapshot": snapshot.pk})
             transition(instance.pk, Status.RUNNING, expected=Status.HIBERNATING,
-                       message="hibernation aborted: the snapshot failed",
+                       message=hibernation_failure_reason(instance, snapshot),
                        data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name})
             return "snapshot-failed"
+        operator_alert_resolve(key=f"hibernation:{instance.pk}")
         # only now, with a verified snapshot, may the machine go
         provider = provider_client(instance.provider, instance.provider_account)
         provider.destroy(instance.provider_instance_id)
         seconds = round(time.monotonic() - started, 3)
         transition(
             instance.pk, Status.HIBERNATED, expected=Status.HIBERNATING,
-            message=f"hibernated: snapshot {snapshot.restic_snapshot_id[:8]} verified, machine destroyed",
+            message=f"hibernated: snapshot {snapshot.restic_snapshot_id[:8] or '(empty workspace)'} verified, "
+                    "machine destroyed",
             data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name,
                   "host_id": instance.host_id, "snapshot": snapshot.pk, "seconds": seconds},
             **MACHINE_FIELDS_CLEARED,

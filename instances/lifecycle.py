@@ -45,18 +45,24 @@ def instance_destroy_run(instance_id: int) -> str:
 
 
 def instance_pause_run(instance_id: int) -> str:
-    """Stop the machine (the provider keeps its disk; GPU billing stops) -> paused."""
+    """running -> pausing -> (the provider stops the machine; it keeps its disk; GPU billing stops) -> paused.
+
+    `pausing` is never judged by the lost sweep (a stopping machine is silent by design). A stop that does
+    not finish in time leaves it `pausing`; reconcile runs this again until the provider says `stopped`."""
     with instance_locked(instance_id) as instance:
-        if instance.status != Status.RUNNING:
+        if instance.status == Status.RUNNING:
+            instance = transition(instance.pk, Status.PAUSING, expected=Status.RUNNING, message="pausing")
+        if instance.status != Status.PAUSING:
             return "skipped"
         provider = provider_client(instance.provider, instance.provider_account)
-        provider.stop(instance.provider_instance_id)
+        provider.stop(instance.provider_instance_id)  # idempotent: a second stop of a stopping machine is fine
         machine = _wait_for_status(provider, instance.provider_instance_id, {STATUS_STOPPED})
         if machine is None:
             instance_event_add(instance=instance, kind=InstanceEvent.Kind.ERROR,
-                               message="pause: the provider did not stop the machine in time; still running")
+                               message="pause: the provider did not stop the machine in time; still pausing, "
+                                       "tried again")
             return "timeout"
-        transition(instance.pk, Status.PAUSED, expected=Status.RUNNING, message="paused (machine stopped)")
+        transition(instance.pk, Status.PAUSED, expected=Status.PAUSING, message="paused (machine stopped)")
         return "paused"
 
 

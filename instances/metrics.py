@@ -175,12 +175,13 @@ def fleet_metrics(*, user, days: int = 30, now: datetime | None = None) -> dict:
     instances = list(Instance.objects.filter(owner=user))
     by_state = dict(Instance.objects.filter(owner=user).values_list("status").annotate(n=Count("id")))
     periods = status_periods(instances, since=since, until=now)
-    holding = [p for p in periods if p.status in (Status.RUNNING, Status.PAUSED, Status.HIBERNATING)]
+    holding = [p for p in periods if p.status in (Status.RUNNING, Status.PAUSING, Status.PAUSED, Status.HIBERNATING,
+                                                  Status.UNREACHABLE)]
     gpu_hours = sum((p.hours for p in periods if p.status == Status.RUNNING), Decimal(0))
     machine_spend = sum((p.hours * p.price_per_hour for p in holding if p.status != Status.PAUSED), Decimal(0))
     # a machine_lost row records a loss, not another rental
     attempts = MachineAttempt.objects.filter(instance__in=instances, created_at__gte=since).exclude(
-        outcome=MachineAttempt.Outcome.MACHINE_LOST)
+        outcome__in=[MachineAttempt.Outcome.MACHINE_LOST, MachineAttempt.Outcome.UNREACHABLE])
     ready = sorted(a.seconds_to_ready for a in attempts if a.outcome == MachineAttempt.Outcome.WON
                    and a.seconds_to_ready is not None)
     loser_cost = sum((a.cost for a in attempts if a.outcome != MachineAttempt.Outcome.WON), Decimal(0))

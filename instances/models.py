@@ -175,6 +175,9 @@ class StandbyMachine(models.Model):
         null=True, blank=True, help_text="When the last successful sync started: the mirror holds the workspace as of then."
     )
     last_sync_seconds = models.FloatField(null=True, blank=True)
+    synced_from = models.CharField(
+        max_length=128, blank=True,
+        help_text="The GPU machine the mirror was last synced with (pushed from or pulled onto).")
     last_sync_error = models.TextField(blank=True)
     syncs = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -194,3 +197,78 @@ class StandbyMachine(models.Model):
     @property
     def ssh_target(self) -> SSHTarget:
         return SSHTarget(self.ssh_host, self.ssh_port or 22, self.ssh_user or "root", self.ssh_host_key or None)
+
+
+class UnreachableMachine(models.Model):
+    """A GPU machine that went silent while its provider still reported it (running or stopped with its
+    disk): it may hold unsaved work, so it is kept and re-checked every lost sweep (instances/lost.py)
+    until it answers (its workspace is saved first), the provider says it is gone, or an operator acts.
+    While open, reconcile counts its machine as owned."""
+
+    class State(models.TextChoices):
+        OPEN = "open"
+        SAVED = "saved"  # answered again: its workspace was snapshotted (or it simply went back to work)
+        GONE = "gone"  # the provider says the machine is gone or failed for good
+        RELEASED = "released"  # an operator released it by hand
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="unreachable_machines")
+    provider = models.CharField(max_length=32)
+    provider_account = models.ForeignKey(
+        "machines.ProviderAccount", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    provider_instance_id = models.CharField(max_length=128, db_index=True)
+    host_id = models.CharField(max_length=64, blank=True)
+    ssh_host = models.CharField(max_length=255, blank=True)
+    ssh_port = models.PositiveIntegerField(null=True, blank=True)
+    ssh_user = models.CharField(max_length=32, blank=True, default="root")
+    ssh_host_key = models.TextField(blank=True)
+    price_per_hour = models.DecimalField(max_digits=8, decimal_places=4, null=True, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.OPEN, db_index=True)
+    reason = models.TextField(blank=True)
+    checks = models.PositiveIntegerField(default=0)
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    flagged_at = models.DateTimeField(null=True, blank=True, help_text="When it was flagged for the operator.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "provider_instance_id"], condition=models.Q(state="open"),
+                                    name="one_open_unreachable_row_per_machine")
+        ]
+
+    def __str__(self) -> str:
+        return f"unreachable {self.provider}:{self.provider_instance_id} of instance {self.instance_id} ({self.state})"
+
+    @property
+    def ssh_target(self) -> SSHTarget:
+        return SSHTarget(self.ssh_host, self.ssh_port or 22, self.ssh_user or "root", self.ssh_host_key or None)
+
+
+class OperatorAlert(models.Model):
+    """Something only an operator can judge (fleet-wide silence, a machine unreachable past its grace, a
+    hibernation that keeps failing). Listed in the admin; one open alert per `key`."""
+
+    class Kind(models.TextChoices):
+        FLEET_SILENT = "fleet_silent"
+        UNREACHABLE = "unreachable"
+        HIBERNATION_FAILING = "hibernation_failing"
+
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    key = models.CharField(max_length=100, help_text="What the alert is about: one open alert per key.")
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    instance = models.ForeignKey(Instance, null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["key"], condition=models.Q(resolved_at__isnull=True),
+                                    name="one_open_operator_alert_per_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.message}"

@@ -239,7 +239,7 @@ class _Race:
     def _start_round(self, round_no: int) -> int:
         instance = self.instance
         tried = set(self._attempts().values_list("host_id", flat=True)) | self.avoid_hosts
-        banned = reliability.blacklisted_hosts(instance.provider)
+        banned = reliability.blacklisted_hosts(instance.provider, owner=instance.owner_id)
         query = OfferQuery(
             gpu_name=instance.gpu_name or None,
             num_gpus=instance.num_gpus,
@@ -255,7 +255,7 @@ class _Race:
             self._event(InstanceEvent.Kind.RACE, f"round {round_no}: offer search failed: {exc}", {"round": round_no})
             return 0
         chosen, hosts = [], set()
-        rated_offers = reliability.rate_offers(instance.provider, offers)
+        rated_offers = reliability.rate_offers(instance.provider, offers, owner=instance.owner_id)
         # a wake prefers the machine it hibernated from, if that host is still offered
         rated_offers.sort(key=lambda r: r.offer.host_id != self.prefer_host)
         for rated in rated_offers:

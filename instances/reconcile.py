@@ -4,8 +4,9 @@
    instance that holds one, a machine of a race still deciding (its attempt is live and the instance
    is racing), or the live CPU standby of an instance that keeps one (label `...-s<standby>`).
    Anything else is an orphan (a crashed worker's loser, a late create, a machine of a
-   destroyed instance) and is destroyed.
-2. Work whose worker died is picked up again: a pending/launching/waking/hibernating/destroying/
+   destroyed instance) and is destroyed. A machine held by an open UnreachableMachine row (silent, maybe
+   holding unsaved work) is owned: it is destroyed only after its workspace is saved (instances/lost.py).
+2. Work whose worker died is picked up again: a pending/launching/waking/hibernating/destroying/pausing/
    recovering/failback instance
    whose lifecycle lock nobody holds gets its task re-enqueued; each task resumes from the database
    (a race from its attempts, a hibernation from its snapshot).
@@ -24,7 +25,7 @@ from dumont.core.locks import advisory_lock, is_locked
 from dumont.core.loops import each_on_its_own
 from instances.events import instance_event_add
 from instances.locks import LOCK_NAMESPACE
-from instances.models import Instance, InstanceEvent, StandbyMachine
+from instances.models import Instance, InstanceEvent, StandbyMachine, UnreachableMachine
 from instances.race import LIVE_OUTCOMES, RACING
 from instances.states import HOLDS_MACHINE, KEEPS_STANDBY, Status
 from machines.clients import clients_for_user
@@ -33,8 +34,9 @@ from machines.providers.base import ProviderError, ProviderInstance
 
 log = logging.getLogger(__name__)
 # statuses whose task resumes from the database (a race from its attempts, a hibernation from its snapshot)
-RESUMABLE = frozenset({Status.PENDING, Status.LAUNCHING, Status.WAKING, Status.DESTROYING, Status.HIBERNATING,
-                       Status.RECOVERING, Status.FAILBACK})
+# PAUSING: a pause whose provider was slow is run again (it waits for the provider's `stopped`)
+RESUMABLE = frozenset({Status.PENDING, Status.LAUNCHING, Status.WAKING, Status.DESTROYING, Status.PAUSING,
+                       Status.HIBERNATING, Status.RECOVERING, Status.FAILBACK})
 
 
 def _parse_label(label: str | None) -> tuple[int, int, bool] | None:
@@ -45,6 +47,9 @@ def _parse_label(label: str | None) -> tuple[int, int, bool] | None:
 
 
 def machine_is_owned(machine: ProviderInstance, provider: str) -> bool:
+    if UnreachableMachine.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
+                                         state=UnreachableMachine.State.OPEN).exists():
+        return True  # silent, maybe holding unsaved work: kept until saved (instances/lost.py)
     parsed = _parse_label(machine.label)
     if parsed is None:
         return False

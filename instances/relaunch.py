@@ -55,7 +55,9 @@ def relaunch(instance_id: int, *, expected: str, running_message: str, failed_me
              standby: StandbyMachine | None = None) -> Relaunched:
     """`expected` -> running. `running_message` / `failed_message` are formatted with `host`, `seconds` /
     `error`. `source`: "snapshot" (`snapshot_id`, or the latest verified) or "mirror" (`standby`, pulled
-    under the standby lock: a periodic sync cannot start, but one may be finishing)."""
+    under the standby lock: a periodic sync cannot start, but one may be finishing). A "mirror" source with a
+    `snapshot_id` (a recovery whose mirror is newer than its snapshot) falls back on that snapshot if the
+    pull fails."""
     instance = Instance.objects.select_related("provider_account", "owner").get(pk=instance_id)
     began = instance.status_changed_at
     timings: dict[str, float] = {}
@@ -70,9 +72,18 @@ def relaunch(instance_id: int, *, expected: str, running_message: str, failed_me
     hold = (advisory_lock(STANDBY_LOCK, instance_id, wait_seconds=settings.STANDBY_SYNC_TIMEOUT_SECONDS)
             if source == "mirror" else contextlib.nullcontext())
     with hold:
+        pulled = False
         try:
             if source == "mirror":
-                _from_mirror(instance, standby, timings, detail)
+                try:
+                    _from_mirror(instance, standby, timings, detail)
+                    pulled = True
+                except _NotRestored as exc:
+                    if snapshot_id is None:
+                        raise
+                    detail["mirror_error"] = str(exc)[:500]  # the older copy, rather than nothing
+                    _from_snapshot(instance, snapshot_id, timings, detail)
+                    _agent(instance, timings)
             else:
                 if source == "snapshot":
                     _from_snapshot(instance, snapshot_id, timings, detail)
@@ -87,10 +98,12 @@ def relaunch(instance_id: int, *, expected: str, running_message: str, failed_me
                    message=running_message.format(host=instance.host_id, seconds=timings["total"]),
                    data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name,
                          "timings": timings})
-        if source == "mirror":
-            # the GPU now holds what the standby held at the last pass: that is the mirror's point
+        if pulled:
+            # the GPU now holds what the standby held at the last pass: that is the mirror's point, and this
+            # machine may push to it (instances.standby.mirror_is_newer)
             StandbyMachine.objects.filter(pk=standby.pk).update(last_sync_at=detail.pop("last_pass_at"),
-                                                                last_sync_error="", syncs=standby.syncs + 1)
+                                                                last_sync_error="", syncs=standby.syncs + 1,
+                                                                synced_from=instance.provider_instance_id)
     return Relaunched("running", timings, detail)
 
 

@@ -114,13 +114,13 @@ def instances_to_release(*, now: datetime | None = None, batch_size: int = 500) 
                 .order_by("id").values_list("id", flat=True)[:batch_size])
 
 
-def instances_silent(*, now: datetime | None = None, chunk: int = 1000) -> list[int]:
-    """Running instances whose heartbeats stopped for longer than LOST_MACHINE_SECONDS (or never came,
-    that long after the machine started). Cheap: one Redis MGET per `chunk` instances."""
+def instances_silent(*, now: datetime | None = None, chunk: int = 1000, seconds: float | None = None) -> list[int]:
+    """Running instances whose heartbeats stopped for longer than `seconds` (LOST_MACHINE_SECONDS) (or never
+    came, that long after the machine started). Cheap: one Redis MGET per `chunk` instances."""
     from agent.selectors import last_heartbeats_at
 
     now = now or timezone.now()
-    threshold = now - timedelta(seconds=settings.LOST_MACHINE_SECONDS)
+    threshold = now - timedelta(seconds=settings.LOST_MACHINE_SECONDS if seconds is None else seconds)
     running = list(Instance.objects.filter(status=Status.RUNNING, status_changed_at__lte=threshold)
                    .order_by("id").values_list("id", flat=True))
     silent = []

@@ -36,7 +36,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from dumont.core.locks import advisory_lock
+from dumont.core.locks import advisory_lock, is_locked
 from instances.events import instance_event_add
 from instances.locks import STANDBY_LOCK, instance_locked
 from instances.mirror import PREPARE_STANDBY, StandbyError, mirror
@@ -66,6 +66,7 @@ def standby_sweep(*, batch_size: int = 500) -> dict:
         if not acquired:
             return {"skipped": True}
         now = timezone.now()
+        stale = standbys_stale_fail(now=now, batch_size=batch_size)
         enabled_owners = StandbyConfig.objects.filter(enabled=True).values("owner_id")
         retry_after = now - timedelta(seconds=settings.STANDBY_RETRY_SECONDS)
         recently_failed = StandbyMachine.objects.filter(status=StandbyMachine.Status.FAILED,
@@ -95,7 +96,36 @@ def standby_sweep(*, batch_size: int = 500) -> dict:
                                     status_changed_at__lte=retry_after)
             .order_by("id").values_list("id", flat=True)[:batch_size]
         )
-        return {"provisioning": wanting, "syncing": due, "destroying": unwanted, "failing_back": failing_back}
+        return {"provisioning": wanting, "syncing": due, "destroying": unwanted, "failing_back": failing_back,
+                "stale": stale}
+
+
+def standbys_stale_fail(*, now, batch_size: int = 500) -> list[int]:
+    """Provisioning rows older than STANDBY_BOOT_TIMEOUT_SECONDS whose worker is gone (nobody holds their
+    lock): failed, and their machine, found by its label, destroyed. The sweep then provisions again."""
+    failed = []
+    cutoff = now - timedelta(seconds=settings.STANDBY_BOOT_TIMEOUT_SECONDS)
+    for standby in (StandbyMachine.objects.filter(status=StandbyMachine.Status.PROVISIONING, created_at__lt=cutoff)
+                    .select_related("instance", "provider_account").order_by("id")[:batch_size]):
+        if is_locked(STANDBY_LOCK, standby.instance_id):
+            continue  # its provisioning is still at work
+        try:
+            machines = [m.instance_id for m in _client(standby).list(label_prefix=standby.label)
+                        if m.label == standby.label and m.status != STATUS_GONE] if standby.label else []
+            for machine_id in {*machines, standby.provider_instance_id} - {""}:
+                _client(standby).destroy(machine_id)
+        except ProviderError as exc:
+            log.warning("stale standby %s: cannot destroy its machine yet (%s)", standby.pk, exc)
+            continue
+        if standby_transition(standby.pk, StandbyMachine.Status.FAILED, expected=StandbyMachine.Status.PROVISIONING,
+                              destroyed_at=timezone.now(),
+                              error="provisioning never finished (its worker stopped); its machine was destroyed"):
+            failed.append(standby.pk)
+            instance_event_add(instance=standby.instance, kind=Kind.STANDBY,
+                               message=f"standby provisioning interrupted; its machine(s) {sorted(machines)} destroyed, "
+                                       "a new one will be provisioned",
+                               data={"standby": standby.pk, "failed": True, "destroyed": sorted(machines)})
+    return failed
 
 
 # ---- provisioning -------------------------------------------------------------------------------
@@ -233,6 +263,14 @@ def _sync_locked(instance_id: int) -> str:
     standby = active_standby(instance_id, ready=True)
     if instance.status != Status.RUNNING or standby is None:
         return "skipped"
+    if mirror_is_newer(instance, standby):
+        message = ("standby sync refused: the mirror holds later work than this machine's workspace (restored from "
+                   "an older copy); it is never overwritten with an older one")
+        if not standby.last_sync_error.startswith("refused"):
+            instance_event_add(instance=instance, kind=Kind.STANDBY, message=message,
+                               data={"standby": standby.pk, "sync_refused": True})
+        StandbyMachine.objects.filter(pk=standby.pk).update(last_sync_error=f"refused: {message}")
+        return "refused"
     started_at, started = timezone.now(), time.monotonic()
     try:
         with connect(instance.ssh_target, control_plane_key_path()) as session:
@@ -248,12 +286,29 @@ def _sync_locked(instance_id: int) -> str:
         return "failed"
     seconds = round(time.monotonic() - started, 3)
     StandbyMachine.objects.filter(pk=standby.pk).update(last_sync_at=started_at, last_sync_seconds=seconds,
-                                                        last_sync_error="", syncs=standby.syncs + 1)
+                                                        last_sync_error="", syncs=standby.syncs + 1,
+                                                        synced_from=instance.provider_instance_id)
     if standby.syncs == 0 or standby.last_sync_error:
         instance_event_add(instance=instance, kind=Kind.STANDBY,
                            message=f"standby mirror in sync ({seconds:.1f}s)",
                            data={"standby": standby.pk, "seconds": seconds, **stats})
     return "synced"
+
+
+def mirror_is_newer(instance: Instance, standby: StandbyMachine) -> bool:
+    """Whether pushing this GPU machine's workspace would overwrite a newer mirror: the machine never synced
+    with this standby, and what it was restored from was captured before the mirror's last sync."""
+    from snapshots.models import SnapshotRestore
+
+    if standby.last_sync_at is None or standby.synced_from in ("", instance.provider_instance_id):
+        return False
+    restored = (SnapshotRestore.objects.filter(instance=instance, status=SnapshotRestore.Status.SUCCEEDED,
+                                               created_at__gte=instance.machine_started_at or instance.created_at)
+                .select_related("snapshot").order_by("-id").first())
+    if restored is None:
+        return True  # a workspace of unknown age (none restored onto this machine): the mirror stays
+    captured = restored.snapshot.captured_at or restored.snapshot.finished_at
+    return captured is None or captured < standby.last_sync_at
 
 
 def _standby_lost(standby: StandbyMachine) -> bool:
@@ -283,7 +338,7 @@ def failover_to(instance: Instance, standby: StandbyMachine, *, lost: dict, reas
         "ssh": {"host": standby.ssh_host, "port": standby.ssh_port, "user": standby.ssh_user},
     }
     with transaction.atomic():
-        transition(instance.pk, Status.FAILOVER, expected=Status.RUNNING,
+        transition(instance.pk, Status.FAILOVER, expected={Status.RUNNING, Status.UNREACHABLE},
                    message=f"failover ({reason}): work on the standby {standby.ssh_user}@{standby.ssh_host}:"
                            f"{standby.ssh_port}", data=data, **MACHINE_FIELDS_CLEARED)
         instance_event_add(
@@ -305,11 +360,18 @@ def instance_failover_run(instance_id: int) -> str:
         if standby is None or standby.last_sync_at is None:
             instance_event_add(instance=instance, kind=Kind.STANDBY, message="failover drill aborted: no standby mirror")
             return "no-standby"
+        if synced != "synced":  # an older mirror would lose the work since: the GPU machine stays
+            error = StandbyMachine.objects.filter(pk=standby.pk).values_list("last_sync_error", flat=True).first()
+            instance_event_add(instance=instance, kind=Kind.STANDBY,
+                               message=f"failover drill aborted: the last sync {synced} ({error or 'no detail'}); "
+                                       "nothing destroyed, the instance stays on its GPU machine",
+                               data={"standby": standby.pk, "drill_aborted": True, "sync": synced})
+            return "aborted"
         machine = {"provider_instance_id": instance.provider_instance_id, "host_id": instance.host_id,
                    "price_per_hour": str(instance.price_per_hour or 0)}
         now = timezone.now()
-        failover_to(instance, standby, lost=machine, reason=f"drill, last sync {synced}", detected_at=now,
-                    last_heartbeat=standby.last_sync_at if synced == "synced" else now, drill=True)
+        failover_to(instance, standby, lost=machine, reason="drill, last sync synced", detected_at=now,
+                    last_heartbeat=standby.last_sync_at, drill=True)
         try:
             provider_client(instance.provider, instance.provider_account).destroy(machine["provider_instance_id"])
         except ProviderError as exc:  # no longer owned: reconcile destroys it

@@ -32,9 +32,13 @@ MACHINE_FIELDS_CLEARED = {
 TRANSITIONS: dict[str, frozenset[str]] = {
     Status.PENDING: frozenset({Status.LAUNCHING, Status.FAILED, Status.DESTROYING}),
     Status.LAUNCHING: frozenset({Status.RUNNING, Status.FAILED, Status.DESTROYING}),
-    Status.RUNNING: frozenset({Status.PAUSED, Status.HIBERNATING, Status.FAILED, Status.DESTROYING,
-                               Status.RECOVERING, Status.FAILOVER}),
+    Status.RUNNING: frozenset({Status.PAUSING, Status.PAUSED, Status.HIBERNATING, Status.FAILED, Status.DESTROYING,
+                               Status.RECOVERING, Status.FAILOVER, Status.UNREACHABLE}),
+    # a pause waits for the provider's `stopped`; one that never comes is retried, never judged lost
+    Status.PAUSING: frozenset({Status.PAUSED, Status.RUNNING, Status.DESTROYING}),
     Status.PAUSED: frozenset({Status.RUNNING, Status.FAILED, Status.DESTROYING}),
+    # answers again: running; the provider says it is gone: recovering; the user moves to the standby: failover
+    Status.UNREACHABLE: frozenset({Status.RUNNING, Status.RECOVERING, Status.FAILOVER, Status.DESTROYING}),
     # a failed snapshot leaves the machine alive and the instance running
     Status.HIBERNATING: frozenset({Status.HIBERNATED, Status.RUNNING, Status.FAILED, Status.DESTROYING}),
     Status.HIBERNATED: frozenset({Status.WAKING, Status.DESTROYING}),

@@ -11,7 +11,7 @@ from django.conf import settings
 from instances import agent_setup, hibernation, lifecycle, lost, race, standby
 from instances import reconcile as reconcile_module
 from instances.locks import Busy
-from instances.models import Instance, StandbyConfig
+from instances.models import Instance, StandbyConfig, UnreachableMachine
 from instances.states import Status
 from machines.providers.base import RetryableError
 
@@ -91,7 +91,7 @@ def reconcile() -> dict:
     found = reconcile_module.reconcile()
     resume = {Status.PENDING: launch_race, Status.LAUNCHING: launch_race, Status.WAKING: wake_instance,
               Status.DESTROYING: destroy_instance, Status.HIBERNATING: hibernate_instance,
-              Status.RECOVERING: recover_instance, Status.FAILBACK: failback_instance}
+              Status.RECOVERING: recover_instance, Status.FAILBACK: failback_instance, Status.PAUSING: pause_instance}
     for instance_id, status in found.pop("resume", []):
         resume[status].delay(instance_id)
     return found
@@ -105,6 +105,8 @@ def lost_machine_sweep() -> dict:
     found = lost.lost_machine_sweep()
     for instance_id in found.get("checking", ()):
         check_machine.delay(instance_id)
+    for row_id in found.get("rechecking", ()):
+        recheck_unreachable.delay(row_id)
     return found
 
 
@@ -122,7 +124,17 @@ def _after_a_loss(instance_id: int) -> None:
 @shared_task(soft_time_limit=ACTION_TIME_LIMIT, time_limit=ACTION_TIME_LIMIT + 60)
 def check_machine(instance_id: int) -> str:
     outcome = lost.machine_check_run(instance_id)
-    if outcome == "lost":
+    if outcome in ("lost", "unreachable"):  # recovering, or failed over to the standby
+        _after_a_loss(instance_id)
+    return outcome
+
+
+# an unreachable machine that answers again is snapshotted before anything else
+@shared_task(soft_time_limit=SNAPSHOT_TIME_LIMIT, time_limit=SNAPSHOT_TIME_LIMIT + 60)
+def recheck_unreachable(row_id: int) -> str:
+    outcome = lost.unreachable_recheck_run(row_id)
+    if outcome == "gone":  # the instance's own machine: it is lost now (recovering, or failed over)
+        instance_id = UnreachableMachine.objects.get(pk=row_id).instance_id
         _after_a_loss(instance_id)
     return outcome
 

@@ -57,6 +57,7 @@ class MachineAttempt(models.Model):
         FAILED_STATUS = "failed_status"  # exited / unknown / offline
         ABANDONED = "abandoned"  # the race ended (cancelled, crashed worker) before this one finished
         MACHINE_LOST = "machine_lost"  # a running machine vanished (instances/lost.py): a failure of its host
+        UNREACHABLE = "unreachable"  # running, but neither SSH nor agent answers: its tenant may have caused it
 
     class Stage(models.TextChoices):
         NONE = ""
@@ -86,6 +87,8 @@ class MachineAttempt(models.Model):
     ready_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     destroyed_at = models.DateTimeField(null=True, blank=True)
+    host_fault_confirmed = models.BooleanField(
+        default=True, help_text="False: a failure its tenant may have caused (it counts only in that owner's view).")
 
     class Meta:
         db_table = "machine_attempts"
@@ -137,6 +140,9 @@ class MachineBlacklist(models.Model):
     reason = models.TextField()
     source = models.CharField(max_length=16, choices=Source.choices, default=Source.AUTOMATIC)
     until = models.DateTimeField(null=True, blank=True, help_text="Empty: until lifted by hand.")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="own_blacklist",
+        help_text="Set: the host is avoided only for this user (failures the provider did not confirm).")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
     lifted_at = models.DateTimeField(null=True, blank=True)

@@ -4,6 +4,12 @@ Judging an attempt: a machine that became ready (running + answered SSH) is a su
 to boot, exited, never answered SSH or whose create failed is a failure; a machine destroyed because
 another won before it was ready (`lost`, `abandoned`) is not judged: we cannot know how it would have
 ended.
+
+Whose view: a failure counts against a host fleet-wide only when the provider confirmed it on the host's
+side (a race's failure, or a running machine the provider reports `failed`). A failure its tenant could
+have caused (a running machine whose SSH and agent went silent: killing sshd is enough) has
+`host_fault_confirmed` False and counts only for that owner: their own blacklist entry for the host, which
+no other user's race or offer list sees.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from machines.models import MachineAttempt, MachineBlacklist, MachineStats
@@ -22,9 +29,9 @@ from machines.providers.base import Offer
 
 Outcome = MachineAttempt.Outcome
 FAILURES = frozenset({Outcome.BOOT_TIMEOUT, Outcome.SSH_FAILED, Outcome.PROVIDER_ERROR, Outcome.FAILED_STATUS,
-                      Outcome.MACHINE_LOST})
+                      Outcome.MACHINE_LOST, Outcome.UNREACHABLE})
 # failures that say the host itself is broken (not just slow or busy): blacklisted for longer
-SEVERE_FAILURES = frozenset({Outcome.SSH_FAILED, Outcome.FAILED_STATUS, Outcome.MACHINE_LOST})
+SEVERE_FAILURES = frozenset({Outcome.SSH_FAILED, Outcome.FAILED_STATUS, Outcome.MACHINE_LOST, Outcome.UNREACHABLE})
 
 
 def attempt_verdict(attempt: MachineAttempt) -> bool | None:
@@ -53,7 +60,8 @@ def host_stats_update(*, provider: str, host_id: str) -> MachineStats:
     now = timezone.now()
     window_start = now - timedelta(hours=settings.RELIABILITY_WINDOW_HOURS)
     attempts = list(
-        MachineAttempt.objects.filter(provider=provider, host_id=host_id, created_at__gte=window_start).order_by("id")
+        MachineAttempt.objects.filter(provider=provider, host_id=host_id, created_at__gte=window_start,
+                                      host_fault_confirmed=True).order_by("id")
     )
     verdicts = [(a, attempt_verdict(a)) for a in attempts]
     judged = [(a, v) for a, v in verdicts if v is not None]
@@ -85,7 +93,8 @@ def _blacklist_if_earned(stats: MachineStats, judged: list[tuple[MachineAttempt,
     streak = stats.consecutive_failures >= settings.RELIABILITY_MAX_CONSECUTIVE_FAILURES
     if not (poor or streak):
         return None
-    if MachineBlacklist.objects.active().filter(provider=stats.provider, host_id=stats.host_id).exists():
+    if MachineBlacklist.objects.active().filter(provider=stats.provider, host_id=stats.host_id,
+                                                owner__isnull=True).exists():
         return None
     last_failure = next((a for a, verdict in reversed(judged) if not verdict), None)
     severe = last_failure is not None and last_failure.outcome in SEVERE_FAILURES
@@ -103,12 +112,33 @@ def _blacklist_if_earned(stats: MachineStats, judged: list[tuple[MachineAttempt,
     )
 
 
-def blacklisted_hosts(provider: str) -> set[str]:
-    return set(MachineBlacklist.objects.active().filter(provider=provider).values_list("host_id", flat=True))
+def owner_failures_update(*, provider: str, host_id: str, owner_id: int) -> MachineBlacklist | None:
+    """After a failure the provider did not confirm: blacklist the host for this owner only, once their
+    own unconfirmed failures on it reach RELIABILITY_MAX_CONSECUTIVE_FAILURES in the window."""
+    window_start = timezone.now() - timedelta(hours=settings.RELIABILITY_WINDOW_HOURS)
+    failures = MachineAttempt.objects.filter(provider=provider, host_id=host_id, instance__owner_id=owner_id,
+                                             host_fault_confirmed=False, created_at__gte=window_start).count()
+    if failures < settings.RELIABILITY_MAX_CONSECUTIVE_FAILURES:
+        return None
+    active = MachineBlacklist.objects.active().filter(provider=provider, host_id=host_id, owner_id=owner_id).first()
+    if active is not None:
+        return active
+    return MachineBlacklist.objects.create(
+        provider=provider, host_id=host_id, owner_id=owner_id, source=MachineBlacklist.Source.AUTOMATIC,
+        reason=f"{failures} machines of yours on this host went unreachable (not confirmed by the provider)",
+        until=timezone.now() + timedelta(hours=settings.BLACKLIST_HOURS),
+    )
+
+
+def blacklisted_hosts(provider: str, *, owner=None) -> set[str]:
+    """Hosts no race of `owner` may use: the fleet-wide blacklist, plus that owner's own entries."""
+    entries = MachineBlacklist.objects.active().filter(provider=provider)
+    mine = Q(owner__isnull=True) | Q(owner=owner) if owner is not None else Q(owner__isnull=True)
+    return set(entries.filter(mine).values_list("host_id", flat=True))
 
 
 def blacklist_add(*, provider: str, host_id: str, reason: str, hours: float | None, by=None) -> MachineBlacklist:
-    existing = MachineBlacklist.objects.active().filter(provider=provider, host_id=host_id).first()
+    existing = MachineBlacklist.objects.active().filter(provider=provider, host_id=host_id, owner__isnull=True).first()
     if existing:
         return existing
     until = timezone.now() + timedelta(hours=hours) if hours else None
@@ -134,7 +164,7 @@ class RatedOffer:
     expected_price: Decimal  # price / estimated success probability: what ranking sorts on
 
 
-def rate_offers(provider: str, offers: list[Offer]) -> list[RatedOffer]:
+def rate_offers(provider: str, offers: list[Offer], *, owner=None) -> list[RatedOffer]:
     """Each offer with our own record of its host, ranked cheapest per expected success first.
 
     The success probability is our success rate smoothed towards the provider's own reliability score
@@ -142,7 +172,7 @@ def rate_offers(provider: str, offers: list[Offer]) -> list[RatedOffer]:
     """
     hosts = {offer.host_id for offer in offers}
     stats = {s.host_id: s for s in MachineStats.objects.filter(provider=provider, host_id__in=hosts)}
-    banned = blacklisted_hosts(provider)
+    banned = blacklisted_hosts(provider, owner=owner)
     rated = []
     for offer in offers:
         host = stats.get(offer.host_id)

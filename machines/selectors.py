@@ -59,7 +59,8 @@ def machine_history(*, user, attempts_limit: int = 100) -> dict:
                 success_rate__gte=0.9, successes__gte=settings.RELIABILITY_MIN_ATTEMPTS
             ).order_by("-success_rate", "median_seconds_to_ready")[:100]
         ),
-        "blacklist": list(MachineBlacklist.objects.active()),
+        # fleet-wide entries, and this user's own (never another user's)
+        "blacklist": list(MachineBlacklist.objects.active().filter(Q(owner__isnull=True) | Q(owner=user))),
     }
 
 
@@ -79,6 +80,6 @@ def offers_for(*, user, query: OfferQuery) -> tuple[list[dict], list[dict]]:
             errors.append({"provider": provider, "account": account.pk if account else None, "detail": str(exc)})
             continue
         offers += [{"rated": rated, "account": account.pk if account else None}
-                   for rated in reliability.rate_offers(provider, found)]
+                   for rated in reliability.rate_offers(provider, found, owner=user)]
     offers.sort(key=lambda item: (item["rated"].blacklisted, item["rated"].expected_price, item["rated"].offer.offer_id))
     return offers, errors

@@ -104,6 +104,7 @@ class Snapshot(MachineAddress):
         PERIODIC = "periodic"
         HIBERNATE = "hibernate"
         FAILOVER = "failover"
+        UNREACHABLE = "unreachable"  # an unreachable machine that answered again: saved before anything else
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="snapshots")
     instance = models.ForeignKey("instances.Instance", on_delete=models.PROTECT, related_name="snapshots")
@@ -122,10 +123,15 @@ class Snapshot(MachineAddress):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    captured_at = models.DateTimeField(
+        null=True, blank=True, db_index=True,
+        help_text="When the backup captured the workspace (restic's snapshot time): what `latest` sorts on.")
     deleted_at = models.DateTimeField(null=True, blank=True)
     forgotten_at = models.DateTimeField(null=True, blank=True, help_text="Removed from the restic repository.")
 
     ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
+    # newest first by what the backup captured (rows from before captured_at existed: by when they finished)
+    NEWEST_FIRST = (models.F("captured_at").desc(nulls_last=True), models.F("finished_at").desc(nulls_last=True), "-id")
 
     class Meta:
         ordering = ["-id"]

@@ -21,10 +21,11 @@ def snapshot_of(*, user, snapshot_id: int) -> Snapshot:
 
 
 def snapshot_latest_verified(*, instance_id: int) -> Snapshot | None:
-    """What a wake restores: the newest verified snapshot of the instance."""
+    """What a wake restores: the newest verified snapshot of the instance, by the time its backup
+    captured the workspace (not when it was recorded: a periodic sync is recorded up to a minute late)."""
     return (
         Snapshot.objects.filter(instance_id=instance_id, status=Snapshot.Status.VERIFIED)
-        .order_by("-finished_at", "-id").first()
+        .order_by(*Snapshot.NEWEST_FIRST).first()
     )
 
 

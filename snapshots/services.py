@@ -25,6 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from dumont.core.errors import Conflict, NotFound
 from dumont.core.locks import lock_key
@@ -293,8 +294,13 @@ def snapshot_create(*, owner, instance_id: int, target: SSHTarget, reason: str =
 
 
 def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
-                 on_event: EventCallback | None = None) -> Snapshot:
-    """Take a pending snapshot: back up the workspace on its machine and verify it. Idempotent."""
+                 on_event: EventCallback | None = None, read_back: bool = False) -> Snapshot:
+    """Take a pending snapshot: back up the workspace on its machine and verify it. Idempotent.
+
+    Verified means: restic on the machine exited 0, and the control plane's own restic lists the new
+    snapshot in the repository; with `read_back` (a hibernation: the machine goes next) it also runs
+    `restic check --read-data-subset=SNAPSHOT_VERIFY_READ_SUBSET`. An empty workspace is a verified, empty
+    snapshot (no restic id: restic refuses to save one, and a restore of it has nothing to write)."""
     on_event = on_event or _no_events
     # `running` already means an earlier attempt died with its worker: run it again
     started = status_transition(Snapshot.objects.filter(pk=snapshot_id), Snapshot.Status.RUNNING,
@@ -316,7 +322,14 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
                 _machine_repository(repository, key, ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300), tuning(),
                 host=f"instance-{snapshot.instance_id}", tags=snapshot.tags, parent_id=parent_id,
                 after_restore=after_restore, on_progress=_ProgressReporter(snapshot, on_event),
+                listed_by=_local_runner(), listed_repository=_control_plane_repository(repository),
             )
+        check_seconds = None
+        if read_back and settings.SNAPSHOT_VERIFY_READ_SUBSET:
+            check_seconds = restic.check_read_data(_local_runner(), _control_plane_repository(repository), tuning(),
+                                                   subset=settings.SNAPSHOT_VERIFY_READ_SUBSET)
+    except restic.EmptyWorkspace:
+        return _snapshot_empty(snapshot, on_event)
     except (restic.ResticError, SSHError, storage.StorageError, MachineGone) as exc:
         return _snapshot_failed(snapshot, exc, on_event)
     except BaseException as exc:  # a soft time limit, a worker shutting down: never leave it "running"
@@ -329,8 +342,11 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
             Snapshot.objects.filter(pk=snapshot_id), Snapshot.Status.VERIFIED, restic_snapshot_id=result.snapshot_id,
             parent_restic_snapshot_id=result.parent_id, size_bytes=result.total_bytes, added_bytes=result.data_added,
             file_count=result.total_files, duration_seconds=round(result.duration, 3),
-            stats={**result.summary, "installed_restic": installed, "after_restore": after_restore},
+            stats={**result.summary, "installed_restic": installed, "after_restore": after_restore,
+                   "read_back_seconds": check_seconds,
+                   "read_back_subset": settings.SNAPSHOT_VERIFY_READ_SUBSET if check_seconds is not None else None},
             progress={**snapshot.progress, "percent": 100.0}, verified_at=now, finished_at=now, error="",
+            captured_at=parse_datetime(result.captured_at) or snapshot.started_at,
         )
     snapshot.refresh_from_db()
     on_event("snapshot", f"snapshot {snapshot.pk} verified: {result.short_id}, {result.total_bytes} bytes, "
@@ -342,10 +358,25 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
 
 
 def snapshot_take(*, owner, instance_id: int, target: SSHTarget, reason: str = Snapshot.Reason.MANUAL,
-                  private_key: PrivateKeyLike | None = None, on_event: EventCallback | None = None) -> Snapshot:
+                  private_key: PrivateKeyLike | None = None, on_event: EventCallback | None = None,
+                  read_back: bool = False) -> Snapshot:
     """Create and run a snapshot now, in this process (hibernation calls this from its own task)."""
     snapshot = snapshot_create(owner=owner, instance_id=instance_id, target=target, reason=reason)
-    return snapshot_run(snapshot_id=snapshot.pk, private_key=private_key, on_event=on_event)
+    return snapshot_run(snapshot_id=snapshot.pk, private_key=private_key, on_event=on_event, read_back=read_back)
+
+
+def _snapshot_empty(snapshot: Snapshot, on_event: EventCallback) -> Snapshot:
+    """An empty workspace: a valid snapshot with nothing in it (no restic id, nothing to restore)."""
+    now = timezone.now()
+    status_transition(
+        Snapshot.objects.filter(pk=snapshot.pk), Snapshot.Status.VERIFIED, restic_snapshot_id="", size_bytes=0,
+        added_bytes=0, file_count=0, stats={"empty": True}, verified_at=now, finished_at=now,
+        captured_at=snapshot.started_at or now, error="",
+    )
+    on_event("snapshot", f"snapshot {snapshot.pk}: the workspace is empty, nothing to store",
+             {"snapshot": snapshot.pk, "empty": True})
+    snapshot.refresh_from_db()
+    return snapshot
 
 
 def _snapshot_failed(snapshot: Snapshot, exc: BaseException, on_event: EventCallback) -> Snapshot:
@@ -373,7 +404,7 @@ def _parent_of(instance_id: int) -> tuple[str, bool]:
     """The snapshot this workspace last matched, and whether that was a restore (new inodes and ctimes)."""
     last_snapshot = (
         Snapshot.objects.filter(instance_id=instance_id, status=Snapshot.Status.VERIFIED)
-        .order_by("-finished_at").first()
+        .exclude(restic_snapshot_id="").order_by(*Snapshot.NEWEST_FIRST).first()
     )
     last_restore = (
         SnapshotRestore.objects.filter(
@@ -381,7 +412,8 @@ def _parent_of(instance_id: int) -> tuple[str, bool]:
             snapshot__status=Snapshot.Status.VERIFIED,  # a forgotten parent would make restic fail
         ).order_by("-finished_at").first()
     )
-    if last_restore and (last_snapshot is None or last_restore.finished_at > last_snapshot.finished_at):
+    if last_restore and (last_snapshot is None or last_restore.finished_at > last_snapshot.finished_at) \
+            and last_restore.restic_snapshot_id:
         return last_restore.restic_snapshot_id, True
     if last_snapshot:
         return last_snapshot.restic_snapshot_id, False
@@ -427,7 +459,7 @@ def restore_create(*, owner, snapshot_id: int | None, instance_id: int, target: 
     owned = Snapshot.objects.filter(owner=owner).exclude(status=Snapshot.Status.DELETED)
     if snapshot_id is None:
         snapshot = (owned.filter(instance_id=from_instance_id or instance_id, status=Snapshot.Status.VERIFIED)
-                    .order_by("-finished_at").first())
+                    .order_by(*Snapshot.NEWEST_FIRST).first())
         if snapshot is None:
             raise NotFound(f"instance {from_instance_id or instance_id} has no verified snapshot")
     else:
@@ -464,15 +496,17 @@ def restore_run(*, restore_id: int, private_key: PrivateKeyLike | None = None,
     on_event("restore", f"restore of snapshot {restore.snapshot_id} ({short_id}) started",
              {"restore": restore.pk, "snapshot": restore.snapshot_id, "size_bytes": restore.snapshot.size_bytes or 0})
     started = time.monotonic()
+    installed = False
     try:
-        with connect(restore.ssh_target, private_key or control_plane_key_path()) as session:
-            repository = repository_ensure(owner=restore.owner)
-            key = machine_key_ensure(repository=repository, instance_id=restore.instance_id, target=restore.ssh_target)
-            installed = restic.restic_ensure(session, local_binary=restic_binary())
-            machine_repository = _machine_repository(repository, key,
-                                                     ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300)
-            restic.restore(restic.RemoteRunner(session), machine_repository, tuning(),
-                           snapshot_id=restore.restic_snapshot_id)
+        if restore.restic_snapshot_id:  # else an empty workspace's snapshot: nothing to write
+            with connect(restore.ssh_target, private_key or control_plane_key_path()) as session:
+                repository = repository_ensure(owner=restore.owner)
+                key = machine_key_ensure(repository=repository, instance_id=restore.instance_id, target=restore.ssh_target)
+                installed = restic.restic_ensure(session, local_binary=restic_binary())
+                machine_repository = _machine_repository(repository, key,
+                                                         ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300)
+                restic.restore(restic.RemoteRunner(session), machine_repository, tuning(),
+                               snapshot_id=restore.restic_snapshot_id)
     except (restic.ResticError, SSHError, storage.StorageError, MachineGone) as exc:
         return _restore_failed(restore, exc, on_event)
     except BaseException as exc:
@@ -522,8 +556,8 @@ class RetentionResult:
 def _expired(snapshots: list[Snapshot]) -> list[Snapshot]:
     """Of one instance's verified snapshots (newest first), those retention may drop.
 
-    Kept: the newest one whatever its reason (what a wake restores), every manual one (the user
-    deletes those), the newest SNAPSHOT_KEEP_PERIODIC periodic ones and the newest
+    Kept: the newest one whatever its reason (what a wake restores), the newest hibernation one (the
+    workspace a machine was destroyed after), every manual one (the user deletes those), the newest SNAPSHOT_KEEP_PERIODIC periodic ones and the newest
     SNAPSHOT_KEEP_HIBERNATE hibernation (and failover) ones.
     """
     keep_counts = {
@@ -533,11 +567,12 @@ def _expired(snapshots: list[Snapshot]) -> list[Snapshot]:
     }
     seen: dict[str, int] = {}
     expired = []
+    newest_hibernation = next((s for s in snapshots if s.reason == Snapshot.Reason.HIBERNATE), None)
     for index, snapshot in enumerate(snapshots):
         if index == 0 or snapshot.reason == Snapshot.Reason.MANUAL:
             continue
         seen[snapshot.reason] = seen.get(snapshot.reason, 0) + 1
-        if seen[snapshot.reason] > keep_counts[snapshot.reason]:
+        if seen[snapshot.reason] > keep_counts[snapshot.reason] and snapshot is not newest_hibernation:
             expired.append(snapshot)
     return expired
 
@@ -564,7 +599,7 @@ def _apply_retention(owner) -> RetentionResult:
         return RetentionResult([], [], skipped="a backup or restore of this user is running")
 
     verified = list(Snapshot.objects.filter(owner=owner, status=Snapshot.Status.VERIFIED)
-                    .order_by("instance_id", "-finished_at", "-id"))
+                    .order_by("instance_id", *Snapshot.NEWEST_FIRST))
     by_instance: dict[int, list[Snapshot]] = {}
     for snapshot in verified:
         by_instance.setdefault(snapshot.instance_id, []).append(snapshot)
@@ -595,7 +630,7 @@ def snapshots_keep_latest(*, owner, instance_id: int) -> int:
     pass if a backup of another instance holds the repository. Returns how many were dropped.
     """
     verified = Snapshot.objects.filter(owner=owner, instance_id=instance_id, status=Snapshot.Status.VERIFIED)
-    latest = verified.order_by("-finished_at", "-id").first()
+    latest = verified.order_by(*Snapshot.NEWEST_FIRST).first()
     if latest is None:
         return 0
     dropped = status_transition(verified.exclude(pk=latest.pk), Snapshot.Status.DELETED, deleted_at=timezone.now())
@@ -661,8 +696,11 @@ def sync_credentials(*, owner, instance_id: int, target: SSHTarget) -> tuple[sto
 
 def snapshot_record_periodic(*, owner, instance_id: int, report: dict) -> Snapshot | None:
     """Record the agent's last sync (its heartbeat's `sync.last`) once, verified from the control plane:
-    it counts only if restic exited 0 and the repository lists the snapshot. Returns the new row. The
-    report comes from the machine: an id that is no restic id is ignored, a duration that is no number dropped."""
+    it counts only if restic exited 0 and the repository lists the snapshot *as this instance's* (its host
+    says `instance-<id>`: an agent cannot pass off another instance's snapshot). Ordered by restic's own
+    snapshot time, not by when it was recorded. The caller holds the instance's lifecycle lock and saw it
+    running (instances/agent_setup.py). Returns the new row. The report comes from the machine: an id that
+    is no restic id is ignored, a duration that is no number dropped."""
     restic_id = str(report.get("snapshot_id") or "")
     if not restic.is_snapshot_id(restic_id):
         if restic_id:
@@ -674,17 +712,24 @@ def snapshot_record_periodic(*, owner, instance_id: int, report: dict) -> Snapsh
     if Snapshot.objects.filter(instance_id=instance_id, restic_snapshot_id__startswith=restic_id).exists():
         return None
     repository = repository_ensure(owner=owner)
-    # only a snapshot of this very instance: a host naming another instance's snapshot (same repository)
-    # would otherwise have it recorded as its own, and expired and forgotten by retention with its own
-    listed = next((item["id"] for item in restic.snapshots(_local_runner(), _control_plane_repository(repository),
-                                                            tuning(), restic_id)
-                   if str(item.get("id", "")).startswith(restic_id) and item.get("hostname") == f"instance-{instance_id}"),
-                  None)
-    verified = listed is not None and report.get("exit_code") == 0
+    # only a snapshot of this very instance (its host, and its tag when the sync sets one): a host naming
+    # another instance's snapshot (same repository) would otherwise have it recorded as its own
+    listed = restic.snapshot_info(_local_runner(), _control_plane_repository(repository), tuning(), restic_id)
+    ours = f"instance-{instance_id}"
+    belongs = listed is not None and listed.get("hostname") == ours
+    verified = belongs and report.get("exit_code") == 0
     now = timezone.now()
+    if listed is None:
+        error = f"agent sync exited {report.get('exit_code')}, snapshot not listed in the repository"
+    elif not belongs:
+        error = f"snapshot {restic_id} is not this instance's (host {listed.get('hostname')!r})"
+    else:
+        error = "" if verified else f"agent sync exited {report.get('exit_code')}"
     return Snapshot.objects.create(
-        owner=owner, instance_id=instance_id, reason=Snapshot.Reason.PERIODIC, restic_snapshot_id=listed or restic_id,
-        status=Snapshot.Status.VERIFIED if verified else Snapshot.Status.FAILED,
-        error="" if verified else f"agent sync exited {report.get('exit_code')}, snapshot listed: {bool(listed)}",
+        owner=owner, instance_id=instance_id, reason=Snapshot.Reason.PERIODIC,
+        restic_snapshot_id=listed["id"] if belongs else restic_id,
+        status=Snapshot.Status.VERIFIED if verified else Snapshot.Status.FAILED, error=error,
         duration_seconds=duration, verified_at=now if verified else None, finished_at=now,
+        forgotten_at=None if belongs or listed is None else now,  # never forget another instance's snapshot
+        captured_at=(parse_datetime(str(listed.get("time") or "")) if belongs else None) or now,
     )

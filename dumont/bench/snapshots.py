@@ -168,6 +168,9 @@ class SnapshotBenchmark(Benchmark):
                             help="extra restores with GOMAXPROCS set to these values")
         parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: system temp)")
         parser.add_argument("--restic", default=shutil.which("restic") or "/usr/bin/restic")
+        parser.add_argument("--read-subsets", nargs="*", default=["64M", "10%", "100%"],
+                            help="`restic check --read-data-subset` sizes to time on the control plane (the "
+                                 "hibernation read-back, SNAPSHOT_VERIFY_READ_SUBSET)")
 
     def run(self, **options) -> None:
         size = int(options["size_gb"] * 1e9)
@@ -223,6 +226,16 @@ class SnapshotBenchmark(Benchmark):
                 rows.append(Row("restic backup, after a 1% change", second.duration, changed,
                                 f"{second.files_changed + second.files_new} files re-read"))
             total = tree_bytes(source.workspace)
+
+            # what the control plane adds before a hibernation's destroy: its own listing, and a read-back
+            control_plane = restic.LocalRunner(options["restic"], cache_dir=root / "cp-cache")
+            started = time.monotonic()
+            restic.snapshot_info(control_plane, repository, tuning, second.snapshot_id)
+            rows.append(Row("control plane: restic snapshots <id>", time.monotonic() - started, 0, "the listing check"))
+            for subset in options["read_subsets"]:
+                seconds = restic.check_read_data(control_plane, repository, tuning, subset=subset)
+                rows.append(Row(f"control plane: restic check --read-data-subset={subset}", seconds,
+                                total if subset == "100%" else 0, "read back and hashed"))
 
             target = _Machine(root, "target", public_key)
             machines.append(target)

@@ -32,6 +32,7 @@ STACK_SETTINGS = {
     "AGENT_HEARTBEAT_INTERVAL_SECONDS": 1,
     "AGENT_FLUSH_INTERVAL_SECONDS": 1,
     "RECONCILE_STALE_SECONDS": 0,
+    "HIBERNATE_AGENT_READY_SECONDS": 30.0,
 }
 
 
@@ -178,3 +179,32 @@ def test_the_agent_syncs_the_workspace_and_its_snapshots_are_recorded_verified(s
                    timeout=60, what="the machine's restic key to be removed")
         prefix = SnapshotRepository.objects.get(owner=instance.owner).prefix
         assert machine_key.restic_key_id not in storage.repository_keys(prefix)
+
+
+def test_an_empty_workspace_hibernates_after_the_agent_is_ready_and_wakes_empty(stack_base, api):
+    """Issue #13, item 7: the final pass runs once the agent answered `hibernate_ready` (no sync writes after
+    it), and an empty workspace is a valid hibernation (restic refuses an empty snapshot: it used to fail
+    every few minutes while the idle machine kept billing)."""
+    with celery_worker(stack_base.tmp, env=stack_base.env, concurrency=3):
+        instance = launch(api, "HIB-EMPTY")
+        workspace = workspace_of(stack_base, instance)
+        for path in workspace.iterdir():
+            path.unlink()
+        wait_until(lambda: heartbeats_arrive(instance), timeout=60, what="the agent's heartbeats")
+        assert api.post(f"/api/v1/instances/{instance.pk}/hibernate").status_code == 202
+        wait_until(lambda: instance.events.filter(kind="status", data__to="hibernating").exists(), timeout=60,
+                   what="the hibernation to start")
+        wait_for_status(instance, "hibernated", "running", timeout=180)
+        assert instance.status == "hibernated", instance.status_reason
+        ready = instance.events.get(kind="hibernate", data__agent_ready=True)
+        snapshot = Snapshot.objects.get(instance=instance, reason="hibernate")
+        assert snapshot.status == "verified" and snapshot.stats == {"empty": True}
+        assert snapshot.created_at >= ready.created_at  # the final pass came after the agent's answer
+        assert stack_base.machines(f"{instance.label}-") == []
+
+        assert api.post(f"/api/v1/instances/{instance.pk}/wake", {}, format="json").status_code == 202
+        wait_for_status(instance, "running", "hibernated", timeout=120)
+        assert instance.status == "running", instance.status_reason
+        assert list(workspace_of(stack_base, instance).iterdir()) == []
+        assert api.delete(f"/api/v1/instances/{instance.pk}").status_code == 202
+        wait_for_status(instance, "destroyed")

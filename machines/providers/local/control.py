@@ -60,6 +60,18 @@ class MarketplaceControl:
     def crash(self, instance_id: int | str) -> None:
         self._call("POST", f"instances/{instance_id}/crash/")
 
+    def partition(self, instance_id: int | str, on: bool = True) -> None:
+        """The machine runs on, but neither its SSH nor its agent reaches the control plane (on=False heals)."""
+        self._call("POST", f"instances/{instance_id}/partition/", {"on": on})
+
+    def partition_all(self, on: bool = True) -> list[int]:
+        """Our own network down: every running machine partitioned at once (on=False heals them all)."""
+        return self._call("POST", "partition_all/", {"on": on})["partitioned"]
+
+    def host_stop(self, instance_id: int | str) -> None:
+        """The provider stops the machine on its own (a host maintenance); its disk is kept."""
+        self._call("POST", f"instances/{instance_id}/host_stop/")
+
     def destroy_all(self) -> list[int]:
         return self._call("POST", "destroy_all/")["destroyed"]
 

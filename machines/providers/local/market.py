@@ -23,6 +23,7 @@ import os
 import pwd
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -130,6 +131,7 @@ class _Runtime:
     sshd: sshd.SshdHandle | None = None
     silent: socket.socket | None = None  # the "SSH port that never answers"
     onstart: subprocess.Popen[bytes] | None = None
+    partitioned: list[int] = dataclasses.field(default_factory=list)  # SIGSTOPped pids (sshd, agent group)
 
 
 class Marketplace:
@@ -343,6 +345,56 @@ class Marketplace:
                 self._save(r)
         self._wake.set()
 
+    def partition(self, rental_id: int, on: bool = True) -> None:
+        """A network partition between this machine and the control plane: the machine runs on (its
+        workspace, its user's processes), but its SSH port accepts connections and never answers (sshd is
+        frozen) and its agent's heartbeats stop (the agent's process group is frozen). `on=False` heals."""
+        r, rt = self._existing(rental_id)
+        with rt.lock:
+            with self._lock:
+                if on and r.status != "running":
+                    raise ApiError(409, "invalid_state", f"instance {rental_id} is {r.status}, not running")
+            if not on:
+                _heal(rt)
+                return
+            if rt.partitioned:
+                return
+            if rt.sshd is not None:
+                os.kill(rt.sshd.pid, signal.SIGSTOP)
+                rt.partitioned.append(rt.sshd.pid)
+            agent_group = _read_int(r.dir / "home" / ".dumont-agent" / "supervisor.pid")
+            if agent_group:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(agent_group, signal.SIGSTOP)
+                    rt.partitioned.append(-agent_group)
+            log.info("machine %s partitioned", rental_id)
+
+    def partition_all(self, on: bool = True) -> list[int]:
+        with self._lock:
+            ids = [r.id for r in self._rentals.values() if r.status == "running"]
+        done = []
+        for rental_id in ids:
+            with contextlib.suppress(ApiError):
+                self.partition(rental_id, on)
+                done.append(rental_id)
+        return done
+
+    def host_stop(self, rental_id: int) -> None:
+        """The provider stops a running machine on its own (vast: a host maintenance): every process ends,
+        the disk (workspace) is kept; it runs again when its renter starts it."""
+        r, rt = self._existing(rental_id)
+        with rt.lock:
+            with self._lock:
+                if r.status != "running":
+                    raise ApiError(409, "invalid_state", f"instance {rental_id} is {r.status}, not running")
+            self._take_down(rt)
+            self._kill_processes(r, rt)
+            with self._lock:
+                self._leave_running(r, time.time())
+                r.status, r.status_msg = "stopped", "stopped by the host"
+                self._save(r)
+        self._wake.set()
+
     def set_gpu_util(self, rental_id: int, value: float) -> None:
         if not 0 <= value <= 100:
             raise ApiError(400, "invalid_args", "gpu_util must be within 0..100")
@@ -441,6 +493,7 @@ class Marketplace:
                         "workspace": str(r.dir / "workspace"),
                         "ssh_port": r.ssh_port,
                         "sshd_pid": rt.sshd.pid if rt and rt.sshd else None,
+                        "partitioned": bool(rt and rt.partitioned),
                         "created_at": r.created_at,
                         "boot_at": r.boot_at,
                         "ended_at": r.ended_at,
@@ -622,6 +675,7 @@ class Marketplace:
             self._save(r)
 
     def _take_down(self, rt: _Runtime) -> None:
+        _heal(rt)  # frozen processes would not see SIGTERM
         if rt.sshd is not None:
             rt.sshd.stop()
             rt.sshd = None
@@ -784,6 +838,24 @@ def _port_free(port: int) -> bool:
 def _read_float(path: Path) -> float | None:
     try:
         return float(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _heal(rt: _Runtime) -> None:
+    """End a partition: SIGCONT what it froze (a negative pid is a process group)."""
+    for pid in rt.partitioned:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if pid < 0:
+                os.killpg(-pid, signal.SIGCONT)
+            else:
+                os.kill(pid, signal.SIGCONT)
+    rt.partitioned.clear()
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
 

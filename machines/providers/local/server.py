@@ -160,7 +160,7 @@ def _api(market: Marketplace, method: str, route: str, body: Any) -> Reply:
     raise ApiError(404, "not_found", f"no route {method} {API_PREFIX}{route}")
 
 
-_CONTROL_INSTANCE = re.compile(r"instances/(\d+)/(gpu_util|crash)/\Z")
+_CONTROL_INSTANCE = re.compile(r"instances/(\d+)/(gpu_util|crash|partition|host_stop)/\Z")
 _CONTROL_HOST = re.compile(r"hosts/([^/]+)/\Z")
 
 
@@ -184,10 +184,18 @@ def _control(market: Marketplace, method: str, route: str, body: Any) -> Reply:
             return 200, {"time_scale": market.time_scale}
         if route == "destroy_all/":
             return 200, {"destroyed": market.destroy_all()}
+        if route == "partition_all/":
+            return 200, {"partitioned": market.partition_all(bool(body.get("on", True)))}
         if m := _CONTROL_INSTANCE.match(route):
             rental_id = int(m[1])
             if m[2] == "crash":
                 market.crash(rental_id)
+                return 200, {"success": True}
+            if m[2] == "partition":
+                market.partition(rental_id, bool(body.get("on", True)))
+                return 200, {"success": True}
+            if m[2] == "host_stop":
+                market.host_stop(rental_id)
                 return 200, {"success": True}
             market.set_gpu_util(rental_id, float(body.get("gpu_util", -1)))
             return 200, {"success": True}
