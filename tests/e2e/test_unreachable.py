@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 
 from agent import selectors as agent_selectors
-from instances import lifecycle, lost
+from instances import lifecycle, lost, selectors
 from instances.models import Instance, OperatorAlert, StandbyMachine, UnreachableMachine
 from instances.reconcile import reconcile_machines
 from machines.clients import provider_client
@@ -182,7 +182,7 @@ def test_a_control_plane_wide_partition_judges_nobody_and_raises_one_operator_al
                            timeout=60, what="the fleet-silence alert")
         assert "2 of 2" in alert.message
         # sweeps keep coming while silent: still nobody judged
-        wait_until(lambda: set(lost.instances_silent(seconds=LOST_AFTER * 2)) >= set(machines), timeout=60,
+        wait_until(lambda: set(selectors.instances_silent(seconds=LOST_AFTER * 2)) >= set(machines), timeout=60,
                    what="silence twice past the threshold")
         for instance in instances:
             instance.refresh_from_db()
@@ -216,7 +216,7 @@ def test_a_pause_that_times_out_is_pausing_never_judged_and_finishes_later(stack
     stopped_at = timezone.now()
     wait_until(lambda: (timezone.now() - max(agent_selectors.last_heartbeat_at(instance.pk), stopped_at))
                .total_seconds() > LOST_AFTER + 2, timeout=60, what="silence past the lost threshold")
-    assert instance.pk not in lost.instances_silent()
+    assert instance.pk not in selectors.instances_silent()
     assert lost.machine_check_run(instance.pk) == "skipped"
     wait_for_status(instance, "paused", timeout=60)  # reconcile ran the pause again
     assert machine in machine_ids(stack, instance)  # stopped, its disk kept: never destroyed
