@@ -5,16 +5,20 @@
   StandbyMachine row is the intent, written before the provider is called; the machine's label
   `<instance label>-s<standby id>` is how reconcile tells it from an orphan. A standby that cannot be
   provisioned is an event (and a `failed` row, retried after STANDBY_RETRY_SECONDS): the GPU instance
-  is never touched by it.
+  is never touched by it. A `provisioning` row older than STANDBY_BOOT_TIMEOUT_SECONDS whose worker died
+  is failed and its machine, found by label, destroyed; the sweep then provisions again.
 - **Mirror**: every `sync_interval_seconds` the GPU machine rsyncs its workspace to the standby
   (`rsync -a --delete`: incremental, deletions mirrored), over SSH with a per-standby mirror key whose
   public half only the standby trusts, and the standby's host key pinned (StrictHostKeyChecking=yes).
   Machine to machine: the data never passes through the control plane. `last_sync_at` is when the last
   good sync *started*: the mirror holds the workspace as of then (each file old or new, never torn:
-  rsync writes a temporary file and renames it).
-- **Failover** (a lost GPU machine with auto_failover, or `POST /instances/{id}/failover` for a drill):
-  `failover`, the instance's SSH endpoint is the standby's; the lost machine is destroyed. A drill first
-  runs one last sync from the (healthy) GPU machine, so it loses nothing; then it destroys that machine.
+  rsync writes a temporary file and renames it). A machine that never synced with this standby and whose
+  workspace was restored from a copy older than the mirror never pushes over it (`mirror_is_newer`).
+- **Failover** (a lost or unreachable GPU machine with auto_failover, or `POST /instances/{id}/failover` for
+  a drill): `failover`, the instance's SSH endpoint is the standby's; a lost machine is destroyed, an
+  unreachable one is kept until its workspace is saved (instances/lost.py). A drill first runs one last
+  sync from the (healthy) GPU machine, so it loses nothing; then it destroys that machine. If that sync
+  fails, the drill aborts: nothing is destroyed and the instance stays on its GPU.
 - **Failback** (automatic with auto_recovery, or `POST /instances/{id}/failback`): `failback`: a race for
   a GPU while the user keeps working on the standby; the standby's workspace is pulled onto the winner
   (a bulk pass, the agent started, then a last delta pass), then `running` on the GPU and the mirror
