@@ -294,7 +294,7 @@ def test_a_standby_stuck_provisioning_is_failed_its_machine_destroyed_and_the_sw
     StandbyMachine.objects.filter(pk=stuck.pk).update(created_at=timezone.now() - timedelta(seconds=900))
     enable_standby(api)
 
-    wait_until(lambda: StandbyMachine.objects.filter(pk=stuck.pk, status="failed").exists(), timeout=60,
+    wait_until(lambda: StandbyMachine.objects.filter(pk=stuck.pk, status="failed").exists(), timeout=120,
                what="the stuck row to be failed")
     wait_until(lambda: orphan.instance_id not in machine_ids(stack, instance), timeout=30,
                what="its machine, found by label, to be destroyed")
