@@ -21,7 +21,7 @@ from dumont_cli.output import err
 
 ALIAS_PREFIX = "dumont-"
 CONNECTABLE = {"running", "failover", "failback"}  # the `ssh` endpoint is the GPU machine or the standby
-PASSING = {"pending", "launching", "waking", "recovering", "hibernating"}  # wait, they end on their own
+PASSING = {"pending", "launching", "waking", "recovering", "hibernating", "pausing"}  # wait, they end on their own
 GONE = {"failed", "destroying", "destroyed"}
 INCLUDE_MARK = "# dumont: instances as `ssh dumont-NAME` (dumont ssh-config --write)"
 
