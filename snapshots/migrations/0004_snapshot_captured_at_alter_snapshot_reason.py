@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('snapshots', '0002_restic_engine'),
+        ('snapshots', '0003_machine_keys'),
     ]
 
     operations = [
