@@ -94,7 +94,7 @@ def test_an_empty_workspace_is_a_verified_empty_snapshot_and_restores_as_nothing
 
 def _agent_sync(machine, instance_id: int, owner) -> str:
     """Run what the agent runs for its periodic sync; returns the short id it reports."""
-    command, env, _ = services.sync_config(owner=owner, instance_id=instance_id)
+    command, env, _ = services.sync_config(owner=owner, instance_id=instance_id, target=machine.target)
     with connect(machine.target, control_plane_key_path()) as session:
         restic.restic_ensure(session, local_binary=services.restic_binary())
         result = session.run(command, env=env, timeout=120)
