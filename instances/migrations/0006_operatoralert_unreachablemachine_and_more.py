@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('instances', '0004_standby_and_lost_machines'),
+        ('instances', '0005_name_free_while_destroying'),
         ('machines', '0003_machineattempt_host_fault_confirmed_and_more'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
@@ -53,10 +53,6 @@ class Migration(migrations.Migration):
                 'ordering': ['-id'],
             },
         ),
-        migrations.RemoveConstraint(
-            model_name='instance',
-            name='unique_active_instance_name_per_owner',
-        ),
         migrations.AddField(
             model_name='standbymachine',
             name='synced_from',
@@ -66,10 +62,6 @@ class Migration(migrations.Migration):
             model_name='instance',
             name='status',
             field=models.CharField(choices=[('pending', 'Pending'), ('launching', 'Launching'), ('running', 'Running'), ('paused', 'Paused'), ('hibernating', 'Hibernating'), ('hibernated', 'Hibernated'), ('waking', 'Waking'), ('failed', 'Failed'), ('destroying', 'Destroying'), ('destroyed', 'Destroyed'), ('recovering', 'Recovering'), ('failover', 'Failover'), ('failback', 'Failback'), ('pausing', 'Pausing'), ('unreachable', 'Unreachable')], db_index=True, default='pending', max_length=16),
-        ),
-        migrations.AddConstraint(
-            model_name='instance',
-            constraint=models.UniqueConstraint(condition=models.Q(('status__in', ['destroying', 'failback', 'failover', 'hibernated', 'hibernating', 'launching', 'paused', 'pausing', 'pending', 'recovering', 'running', 'unreachable', 'waking'])), fields=('owner', 'name'), name='unique_active_instance_name_per_owner'),
         ),
         migrations.AddField(
             model_name='operatoralert',
