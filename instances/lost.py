@@ -48,7 +48,7 @@ from instances.models import (
 from instances.relaunch import relaunch
 from instances.selectors import active_standby, instances_silent
 from instances.standby import failover_to
-from instances.states import MACHINE_FIELDS_CLEARED, Status, transition
+from instances.states import MACHINE_FIELDS_CLEARED, Status, machine_keys_settle, transition
 from machines import reliability
 from machines.clients import provider_client
 from machines.keys import control_plane_key_path
@@ -387,6 +387,7 @@ def _resolve(row: UnreachableMachine, state: str) -> None:
     UnreachableMachine.objects.filter(pk=row.pk, state=UnreachableMachine.State.OPEN).update(state=state,
                                                                                           resolved_at=now)
     OperatorAlert.objects.filter(key=f"unreachable:{row.pk}", resolved_at__isnull=True).update(resolved_at=now)
+    machine_keys_settle(row.instance_id)  # a kept machine's restic key lived on only to save its workspace
 
 
 # ---- recovery ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from dumont.core.errors import Conflict
 from instances.choices import ACTIVE, HOLDS_MACHINE, KEEPS_STANDBY, TERMINAL, Status
-from instances.models import Instance, InstanceEvent, StandbyMachine
+from instances.models import Instance, InstanceEvent, StandbyMachine, UnreachableMachine
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,27 @@ def _machine_secrets_revoke(instance_id: int, *, new_host_key: str) -> None:
     its agent secret stops working (heartbeats and storage keys) and its restic keys are revoked; their
     key files are deleted from the repository right after the commit (and by the retention sweep)."""
     from agent.services import agent_credential_revoke
+
+    agent_credential_revoke(instance_id)
+    _machine_keys_revoke(instance_id, current_host_key=new_host_key)
+
+
+def machine_keys_settle(instance_id: int) -> None:
+    """Revoke the restic keys of every machine the instance no longer holds (called when a kept unreachable
+    machine is resolved: saved, gone or released)."""
+    host_key = Instance.objects.filter(pk=instance_id).values_list("ssh_host_key", flat=True).first() or ""
+    _machine_keys_revoke(instance_id, current_host_key=host_key)
+
+
+def _machine_keys_revoke(instance_id: int, *, current_host_key: str) -> None:
+    """Every key of the instance's machines but the current machine's and those of its kept unreachable
+    machines (instances/lost.py snapshots such a machine with its own key before anything is destroyed)."""
     from machines.ssh import SSHTarget
     from snapshots.services import machine_keys_revoke, machine_of
     from snapshots.tasks import remove_machine_keys
 
-    agent_credential_revoke(instance_id)
-    keep = machine_of(SSHTarget("", 22, "root", new_host_key)) if new_host_key else ""
-    if machine_keys_revoke(instance_id=instance_id, keep_machine=keep):
+    kept = [current_host_key, *UnreachableMachine.objects.filter(
+        instance_id=instance_id, state=UnreachableMachine.State.OPEN).values_list("ssh_host_key", flat=True)]
+    keep = tuple(machine_of(SSHTarget("", 22, "root", host_key)) for host_key in kept if host_key)
+    if machine_keys_revoke(instance_id=instance_id, keep_machines=keep):
         transaction.on_commit(lambda: remove_machine_keys.apply_async(expires=600))

@@ -151,11 +151,11 @@ def _control_key_ensure(repository: SnapshotRepository) -> None:
         SnapshotRepository.objects.filter(pk=repository.pk).update(control_key_id=repository.control_key_id)
 
 
-def machine_keys_revoke(*, instance_id: int, keep_machine: str = "") -> int:
+def machine_keys_revoke(*, instance_id: int, keep_machines: tuple[str, ...] = ()) -> int:
     """The instance's machine went (destroyed, hibernated, replaced): its keys are never handed out again.
     Their key files are removed by `machine_keys_remove` (a task right after, and the retention sweep)."""
     return (MachineKey.objects.filter(instance_id=instance_id, revoked_at__isnull=True)
-            .exclude(machine=keep_machine).update(revoked_at=timezone.now()))
+            .exclude(machine__in=keep_machines).update(revoked_at=timezone.now()))
 
 
 def machine_keys_remove(*, batch_size: int = 100) -> int:

@@ -26,7 +26,9 @@ from tests.instances.test_metrics import status_event
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 PASSWORD = "correct-horse-battery"
-ACCESS_SECONDS, REFRESH_SECONDS = 3, 12
+# the refresh token rotates (a new lifetime at each refresh): 30 s is longer than any gap between two
+# commands of one test, even on two loaded cores, and short enough for the expiry test to wait out
+ACCESS_SECONDS, REFRESH_SECONDS = 3, 30
 
 
 @pytest.fixture(scope="module")
