@@ -160,6 +160,9 @@ def test_the_agent_syncs_the_workspace_and_its_snapshots_are_recorded_verified(s
     env = {**stack_base.env, "AGENT_SYNC_INTERVAL_SECONDS": "2"}
     with override_settings(AGENT_SYNC_INTERVAL_SECONDS=2), celery_worker(stack_base.tmp, env=env):
         instance = launch(api, "HIB-SYNC")
+        # busy, so that the module's short idle window cannot hibernate it before its first sync (a fresh
+        # machine's first sync waits for its own restic key to be added)
+        stack_base.market.control.set_gpu_util(instance.provider_instance_id, 80)
         (workspace_of(stack_base, instance) / "notes.txt").write_text("written before the sync\n")
         started = wait_until(lambda: instance.events.filter(kind="agent").first(), timeout=120,
                              what="the agent to be started")
