@@ -138,7 +138,7 @@ def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapsho
 
     with celery_worker(stack_base.tmp, env=stack_base.env):
         assert reconcile()["resumed"] == [instance.pk]
-        wait_for_status(instance, "hibernated", timeout=180)  # the backup runs again, on two loaded cores
+        wait_for_status(instance, "hibernated", timeout=300)  # the backup runs again, on two loaded cores
     verified = Snapshot.objects.get(instance=instance, status="verified", reason="hibernate")
     hibernated = instance.events.filter(kind="status", data__to="hibernated").get()
     assert hibernated.created_at >= verified.verified_at
