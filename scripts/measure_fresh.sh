@@ -30,6 +30,8 @@ stop_make_run() {
   kill -KILL -- "-$1" 2>/dev/null || true
 }
 
+API_TOKEN_FILE=$(mktemp -u /tmp/dumont-token.XXXXXX)
+export API_TOKEN_FILE
 api() {  # api METHOD PATH [JSON] : prints the JSON answer (python3 only: curl may not be installed yet)
   python3 - "$@" <<'PY'
 import json, os, sys, urllib.request
@@ -37,10 +39,15 @@ method, path = sys.argv[1], sys.argv[2]
 body = sys.argv[3].encode() if len(sys.argv) > 3 else None
 base = f"http://127.0.0.1:{os.environ['PORT']}/api/v1"
 headers = {"Content-Type": "application/json"}
+token_file = os.environ["API_TOKEN_FILE"]  # one login for the whole run: logins are rate-limited
 if path != "/auth/login":
-    login = urllib.request.Request(base + "/auth/login", json.dumps({"username": os.environ.get("DUMONT_ADMIN_USER", "admin"),
-        "password": os.environ.get("DUMONT_ADMIN_PASSWORD", "admin")}).encode(), headers)
-    headers["Authorization"] = "Bearer " + json.load(urllib.request.urlopen(login, timeout=30))["access"]
+    if not os.path.exists(token_file):
+        login = urllib.request.Request(base + "/auth/login", json.dumps({"username": os.environ.get("DUMONT_ADMIN_USER", "admin"),
+            "password": os.environ.get("DUMONT_ADMIN_PASSWORD", "admin")}).encode(), headers)
+        access = json.load(urllib.request.urlopen(login, timeout=30))["access"]
+        with open(token_file, "w") as out:
+            out.write(access)
+    headers["Authorization"] = "Bearer " + open(token_file).read()
 request = urllib.request.Request(base + path, body, headers, method=method)
 print(urllib.request.urlopen(request, timeout=60).read().decode())
 PY
