@@ -26,8 +26,8 @@ from agent.auth import Agent, AuthFailed
 from agent.conf import settings
 from agent.models import AgentCredential, Heartbeat
 from dumont.core.errors import NotAuthenticated, ServiceUnavailable
+from instances.choices import Status
 from instances.models import Instance
-from instances.states import Status
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ class Unavailable(ServiceUnavailable):
 def sync_credentials_issue(*, agent: Agent) -> dict[str, Any]:
     """New storage keys for an agent's sync (see agent.api.views.sync_credentials). Raises Replay for a
     nonce seen before, AuthFailed for an instance that no longer holds a machine."""
+    from instances.choices import HOLDS_MACHINE
     from instances.models import Instance
-    from instances.states import HOLDS_MACHINE
     from snapshots import services as snapshot_services
     from snapshots.storage import StorageError
 
