@@ -332,18 +332,7 @@ class Marketplace:
 
     def crash(self, rental_id: int) -> None:
         """The machine vanishes: sshd and every process die at once, the API says `offline`."""
-        r, rt = self._existing(rental_id)
-        with rt.lock:
-            with self._lock:
-                if r.status != "running":
-                    raise ApiError(409, "invalid_state", f"instance {rental_id} is {r.status}, not running")
-            self._take_down(rt)
-            self._kill_processes(r, rt)
-            with self._lock:
-                self._leave_running(r, time.time())
-                r.status, r.status_msg = "offline", "host went offline"
-                self._save(r)
-        self._wake.set()
+        self._end_running(rental_id, "offline", "host went offline")
 
     def partition(self, rental_id: int, on: bool = True) -> None:
         """A network partition between this machine and the control plane: the machine runs on (its
@@ -382,6 +371,10 @@ class Marketplace:
     def host_stop(self, rental_id: int) -> None:
         """The provider stops a running machine on its own (vast: a host maintenance): every process ends,
         the disk (workspace) is kept; it runs again when its renter starts it."""
+        self._end_running(rental_id, "stopped", "stopped by the host")
+
+    def _end_running(self, rental_id: int, status: str, message: str) -> None:
+        """Every process of a running machine ends at once; the API then reports `status`."""
         r, rt = self._existing(rental_id)
         with rt.lock:
             with self._lock:
@@ -391,7 +384,7 @@ class Marketplace:
             self._kill_processes(r, rt)
             with self._lock:
                 self._leave_running(r, time.time())
-                r.status, r.status_msg = "stopped", "stopped by the host"
+                r.status, r.status_msg = status, message
                 self._save(r)
         self._wake.set()
 
