@@ -9,10 +9,11 @@
   `SNAPSHOT_S3_ENDPOINT` is set), the local marketplace (unless `LOCAL_MARKETPLACE_URL` is set), web
   (127.0.0.1:`PORT`, default 8000), a Celery worker per queue and beat under honcho, which prefixes their output and
   stops all of them on Ctrl-C.
-- Ports: only `PORT` needs to differ between two checkouts on one machine. The S3 server takes PORT+1,
-  the marketplace PORT+2, the embedded Redis PORT+3 (each a free port instead when that one is taken), and
-  every process is told where they are; agents post to PORT. Each stays configurable (SNAPSHOT_S3_ENDPOINT,
-  LOCAL_MARKETPLACE_URL, DUMONT_EMBEDDED_REDIS_PORT, AGENT_CONTROL_PLANE_URL).
+- Ports: only `PORT` needs to differ between two checkouts on one machine. The S3 server takes PORT+1
+  (and PORT+4 for its fast-path endpoint), the marketplace PORT+2, the embedded Redis PORT+3 (each a free port
+  instead when that one is taken), and every process is told where they are; agents post to PORT. Each stays
+  configurable (SNAPSHOT_S3_ENDPOINT with SNAPSHOT_FAST_S3_ENDPOINT, LOCAL_MARKETPLACE_URL,
+  DUMONT_EMBEDDED_REDIS_PORT, AGENT_CONTROL_PLANE_URL).
 - Quiet by default: one line per process, the URLs, the admin login, then warnings, errors and one line
   per user-visible event. `--verbose` (or LOG_LEVEL=DEBUG) shows every task, request and sweep.
 """
@@ -197,9 +198,15 @@ def main(argv: list[str] | None = None) -> None:
     if not env.get("SNAPSHOT_S3_ENDPOINT"):
         # the embedded S3 server (rclone serve s3); every process is told where it listens
         s3_port = pick_port(args.port + 1, "S3 server")
+        fast_port = pick_port(args.port + 4, "S3 server, fast path")
         env["SNAPSHOT_S3_ENDPOINT"] = f"http://127.0.0.1:{s3_port}"
-        processes["s3"] = [python, "-m", "dumont.s3server", "--port", str(s3_port), "--dir", str(data_dir / "s3")]
+        env["SNAPSHOT_FAST_S3_ENDPOINT"] = f"http://127.0.0.1:{fast_port}"
+        processes["s3"] = [python, "-m", "dumont.s3server", "--port", str(s3_port), "--fast-port", str(fast_port),
+                           "--dir", str(data_dir / "s3")]
         urls["s3"] = env["SNAPSHOT_S3_ENDPOINT"]
+    else:
+        # storage of one's own: the fast path uses it too, unless told otherwise (not our PORT+4)
+        env.setdefault("SNAPSHOT_FAST_S3_ENDPOINT", "")
     if env.get("LOCAL_MARKETPLACE_ENABLED", "true").lower() not in ("0", "false", "off", "no"):
         # the embedded local marketplace: an offline GPU market whose machines are real sshd servers;
         # `manage.py marketplace serve` listens where LOCAL_MARKETPLACE_URL says

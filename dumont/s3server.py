@@ -1,7 +1,8 @@
 """A real S3 server for development and tests: `rclone serve s3` on a loopback port, a directory behind it,
-and a small *gate* in front of it that enforces what a machine's key may do.
+and a small *gate* in front of it that enforces what a machine's key may do; and beside it a second,
+*fast* `rclone serve s3` over the same buckets for the fast path's objects (below).
 
-    python -m dumont.s3server --port 9000 --dir .dumont/s3
+    python -m dumont.s3server --port 9000 --fast-port 9004 --dir .dumont/s3
 
 Layout of the directory: `buckets/<bucket>/...` holds the objects; `views/` holds one small directory per
 machine key (below); `gate/locks/` records which machine wrote which restic lock. Nothing secret is
@@ -16,6 +17,17 @@ Two kinds of credentials, both checked by rclone against SigV4 signatures:
   refuses DELETE (except the restic locks its own holder wrote), batch deletes, copies, writes over an
   existing object, and writes to the repository's `keys/` and `config`. What production (R2) can and
   cannot express of this is in README.md ("Isolation").
+
+The gated server pays for that in speed: every byte crosses the Python gate, and its directory cache is
+1 ms (the admin's view and each machine's view are separate rclone VFSes over the same files: a longer
+cache would hide what one just wrote from the other). The fast path (`SNAPSHOT_FAST_S3_ENDPOINT`) needs
+neither: machines never hold a key for it, only presigned URLs the control plane signs with its own key.
+So the *fast* server accepts the control plane's key only (`--auth-key`; a machine key or an unsigned
+request is refused), has no gate, and keeps rclone's default directory cache (5 minutes). Its cache is
+coherent for what the fast path uses because it is the only writer and reader of `{prefix}/fast/...`:
+everything it lists or reads there, it wrote itself. The other direction is not coherent: an object
+written or deleted under a prefix through the gated server may stay unseen (or seen) by the fast server
+for up to the cache time, so `fast/` objects go through the fast endpoint only.
 
 Standard library only at import time: rclone runs this file as its auth proxy with a bare interpreter.
 """
@@ -369,18 +381,23 @@ class S3Server:
     process: subprocess.Popen[bytes]  # rclone
     log_path: Path
     gate: subprocess.Popen[bytes] | None = None
+    fast_endpoint: str = ""  # http://HOST:FAST_PORT: the fast rclone (the control plane's key only)
+    fast: subprocess.Popen[bytes] | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [process for process in (self.gate, self.process, self.fast) if process is not None]
+
+    @property
     def running(self) -> bool:
-        return self.process.poll() is None and (self.gate is None or self.gate.poll() is None)
+        return all(process.poll() is None for process in self.processes)
 
     def stop(self, timeout: float = 10) -> None:
-        for process in (self.gate, self.process):
-            if process is not None:
-                _stop_group(process, timeout)
+        for process in self.processes:
+            _stop_group(process, timeout)
 
 
 def _stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -410,6 +427,11 @@ def _wait_for_line(log_path: Path, offset: int, pattern: re.Pattern, process, de
         time.sleep(0.02)
 
 
+# What the fast server adds to rclone's defaults, measured (README of the measurement in the commit):
+# no MD5 ETag: rclone would read every object twice (hash, then body) on each GET and PUT.
+FAST_SERVE_FLAGS = ("--etag-hash", "")
+
+
 def start_s3_server(
     root: Path | str,
     *,
@@ -417,10 +439,12 @@ def start_s3_server(
     scope_secret: str,
     host: str = "127.0.0.1",
     port: int = 0,
+    fast_port: int = 0,
     timeout: float = 20,
 ) -> S3Server:
-    """Start `rclone serve s3` on a loopback port and the gate in front of it on host:port (0: the kernel
-    picks, no race); return once both listen.
+    """Start `rclone serve s3` on a loopback port and the gate in front of it on host:port, and the fast
+    rclone (the admin key only, no gate) on host:fast_port (0: the kernel picks, no race); return once
+    all listen. A failure stops whatever had started.
 
     Buckets are the directories under `root`/buckets; create them with CreateBucket (storage.bucket_ensure).
     """
@@ -474,13 +498,50 @@ def start_s3_server(
         server.stop()
         raise S3ServerError(f"the S3 gate did not start: {server.log()[offset:].strip()[-2000:]}")
     server.endpoint = endpoint
+    try:
+        server.fast, server.fast_endpoint = _start_fast(root, admin, env["PATH"], f"{host}:{fast_port}", deadline)
+    except BaseException:
+        server.stop()
+        raise
     return server
+
+
+def _start_fast(root: Path, admin: Credentials, path: str, addr: str, deadline: float
+                ) -> tuple[subprocess.Popen[bytes], str]:
+    """The fast rclone: `--auth-key` through the environment (RCLONE_AUTH_KEY, one CSV-quoted
+    "id,secret" pair), never argv; default directory cache (see the module's docstring)."""
+    if "," in admin.access_key_id + admin.secret_access_key:
+        raise S3ServerError("rclone's --auth-key takes no comma in the access key id or secret")
+    env = {
+        "PATH": path, "HOME": str(root), "RCLONE_CONFIG": "/dev/null",
+        "RCLONE_AUTH_KEY": _csv_field(f"{admin.access_key_id},{admin.secret_access_key}"),
+    }
+    command = [
+        rclone_binary(), "serve", "s3", str(root / "buckets"), "--addr", addr,
+        "--force-path-style=true", "--no-cleanup", *FAST_SERVE_FLAGS, "--log-level", "NOTICE",
+    ]
+    log_path = root / "rclone-fast.log"
+    with open(log_path, "ab") as log:
+        offset = log.tell()
+        process = subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   start_new_session=True)
+    endpoint = _wait_for_line(log_path, offset, _LISTENING, process, deadline)
+    if endpoint is None:
+        _stop_group(process, 10)
+        text = log_path.read_text(errors="replace")[offset:].strip()[-2000:]
+        raise S3ServerError(f"the fast rclone serve s3 did not start on {addr}: {text}")
+    return process, endpoint
+
+
+def _csv_field(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m dumont.s3server`: serve until Ctrl-C. Keys come from the Django settings (environment)."""
     parser = argparse.ArgumentParser(description="S3 server for development (rclone serve s3)")
     parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--fast-port", type=int, default=9004, help="the fast path's endpoint (admin key only)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--dir", type=Path, required=True, help="where buckets and views live")
     args = parser.parse_args(argv)
@@ -494,9 +555,10 @@ def main(argv: list[str] | None = None) -> None:
         scope_secret=scope_secret_for(settings.SNAPSHOT_S3_SCOPE_SECRET, settings.SECRET_KEY),
         host=args.host,
         port=args.port,
+        fast_port=args.fast_port,
     )
-    print(f"[s3server] S3 on {server.endpoint} (data in {server.root / 'buckets'}, pid {server.process.pid})",
-          flush=True)
+    print(f"[s3server] S3 on {server.endpoint}, fast path on {server.fast_endpoint} "
+          f"(data in {server.root / 'buckets'}, pid {server.process.pid})", flush=True)
     stop = False
 
     def _stop(signum: int, frame: object) -> None:

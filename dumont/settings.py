@@ -321,9 +321,15 @@ if PRODUCTION:
     CSRF_COOKIE_SECURE = True
 
 # ---- Snapshots: restic on the GPU machine, to S3-compatible storage (Cloudflare R2 in production) ----
-# Development defaults: the embedded S3 server of `make run` (`python -m dumont.s3server --port PORT+1 ...`).
+# Development defaults: the embedded S3 server of `make run` (`python -m dumont.s3server --port PORT+1
+# --fast-port PORT+4 ...`).
 # Production has no default: unset, every snapshot fails with "object storage is not configured".
 SNAPSHOT_S3_ENDPOINT = env.str("SNAPSHOT_S3_ENDPOINT", default="" if PRODUCTION else f"http://127.0.0.1:{PORT + 1}")
+# Where the fast path's objects (`{prefix}/fast/...`) are read and written, always with the control plane's key
+# (machines get presigned URLs for it, never a key). Empty: the same as SNAPSHOT_S3_ENDPOINT (production, R2).
+# Development: the embedded S3 server's second, ungated rclone on PORT+4 (dumont/s3server.py says why).
+SNAPSHOT_FAST_S3_ENDPOINT = env.str("SNAPSHOT_FAST_S3_ENDPOINT",
+                                    default="" if PRODUCTION else f"http://127.0.0.1:{PORT + 4}")
 SNAPSHOT_S3_BUCKET = env.str("SNAPSHOT_S3_BUCKET", default="dumont-snapshots")
 SNAPSHOT_S3_REGION = env.str("SNAPSHOT_S3_REGION", default="auto")  # R2 wants "auto"
 # The control plane's own key: bucket setup, sizes, deletes, restic init/forget/prune. Never sent to a machine.

@@ -68,6 +68,19 @@ def client():
     )
 
 
+def fast_endpoint() -> str:
+    """Where the fast path's objects live: SNAPSHOT_FAST_S3_ENDPOINT, or SNAPSHOT_S3_ENDPOINT when it is empty."""
+    _configured()
+    return settings.SNAPSHOT_FAST_S3_ENDPOINT or settings.SNAPSHOT_S3_ENDPOINT
+
+
+def fast_client():
+    """The control plane's client for `{prefix}/fast/...` (and the presigned URLs machines get for it)."""
+    credentials = admin_credentials()
+    return _client(fast_endpoint(), settings.SNAPSHOT_S3_REGION, credentials.access_key_id,
+                   credentials.secret_access_key)
+
+
 def repository_url(prefix: str) -> str:
     """restic's name for a repository under `prefix` in the bucket."""
     _configured()

@@ -254,6 +254,7 @@ class WakeBenchmark(Benchmark):
                     LOCAL_MARKETPLACE_ENABLED=True, LOCAL_MARKETPLACE_URL=market.url,
                     DUMONT_DATA_DIR=Path(tmp) / "data", DUMONT_SSH_KEY_PATH=Path(tmp) / "ssh" / "id_ed25519",
                     AGENT_CONTROL_PLANE_URL="http://127.0.0.1:9", SNAPSHOT_S3_ENDPOINT=s3.endpoint,
+                    SNAPSHOT_FAST_S3_ENDPOINT=s3.fast_endpoint,
                     SNAPSHOT_S3_BUCKET="bench", SNAPSHOT_S3_ACCESS_KEY_ID=admin.access_key_id,
                     SNAPSHOT_S3_SECRET_ACCESS_KEY=admin.secret_access_key, SNAPSHOT_MACHINE_CREDENTIALS="scoped",
                     SNAPSHOT_S3_SCOPE_SECRET=scope_secret,
@@ -323,6 +324,7 @@ class FailoverBenchmark(Benchmark):
             overrides = {
                 "DUMONT_DATA_DIR": tmp / "data", "DUMONT_SSH_KEY_PATH": tmp / "ssh" / "id_ed25519",
                 "AGENT_CONTROL_PLANE_URL": f"http://127.0.0.1:{web_port}", "SNAPSHOT_S3_ENDPOINT": s3.endpoint,
+                "SNAPSHOT_FAST_S3_ENDPOINT": s3.fast_endpoint,
                 "SNAPSHOT_S3_BUCKET": "bench", "SNAPSHOT_S3_ACCESS_KEY_ID": admin.access_key_id,
                 "SNAPSHOT_S3_SECRET_ACCESS_KEY": admin.secret_access_key, "SNAPSHOT_MACHINE_CREDENTIALS": "scoped",
                 "SNAPSHOT_S3_SCOPE_SECRET": scope_secret, "AGENT_HEARTBEAT_INTERVAL_SECONDS": heartbeat,

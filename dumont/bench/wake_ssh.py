@@ -59,6 +59,7 @@ class WakeOnSSHBenchmark(Benchmark):
             overrides = {
                 "DUMONT_DATA_DIR": tmp / "data", "DUMONT_SSH_KEY_PATH": tmp / "ssh" / "id_ed25519",
                 "AGENT_CONTROL_PLANE_URL": f"http://127.0.0.1:{web_port}", "SNAPSHOT_S3_ENDPOINT": s3.endpoint,
+                "SNAPSHOT_FAST_S3_ENDPOINT": s3.fast_endpoint,
                 "SNAPSHOT_S3_BUCKET": "bench", "SNAPSHOT_S3_ACCESS_KEY_ID": admin.access_key_id,
                 "SNAPSHOT_S3_SECRET_ACCESS_KEY": admin.secret_access_key, "SNAPSHOT_MACHINE_CREDENTIALS": "scoped",
                 "SNAPSHOT_S3_SCOPE_SECRET": scope_secret, "REDIS_KEY_PREFIX": prefix,

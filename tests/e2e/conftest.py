@@ -44,7 +44,8 @@ def _s3_settings(stack: contextlib.ExitStack, tmp: Path) -> dict:
     server = start_s3_server(tmp / "s3", admin=admin, scope_secret=scope_secret)
     stack.callback(server.stop)
     return {
-        "SNAPSHOT_S3_ENDPOINT": server.endpoint, "SNAPSHOT_S3_BUCKET": "dumont-e2e", "SNAPSHOT_S3_REGION": "auto",
+        "SNAPSHOT_S3_ENDPOINT": server.endpoint, "SNAPSHOT_FAST_S3_ENDPOINT": server.fast_endpoint,
+        "SNAPSHOT_S3_BUCKET": "dumont-e2e", "SNAPSHOT_S3_REGION": "auto",
         "SNAPSHOT_S3_ACCESS_KEY_ID": admin.access_key_id, "SNAPSHOT_S3_SECRET_ACCESS_KEY": admin.secret_access_key,
         "SNAPSHOT_MACHINE_CREDENTIALS": "scoped", "SNAPSHOT_S3_SCOPE_SECRET": scope_secret,
         "SNAPSHOT_RESTIC_CONNECTIONS": 8,

@@ -105,7 +105,8 @@ def _hibernate_and_wake(stack, api):
 def test_a_failed_snapshot_never_destroys_the_machine(stack_base, api):
     stack = stack_base
     # object storage is down for this worker: every snapshot fails
-    with celery_worker(stack.tmp, env={**stack.env, "SNAPSHOT_S3_ENDPOINT": "http://127.0.0.1:9"}):
+    down = {"SNAPSHOT_S3_ENDPOINT": "http://127.0.0.1:9", "SNAPSHOT_FAST_S3_ENDPOINT": "http://127.0.0.1:9"}
+    with celery_worker(stack.tmp, env={**stack.env, **down}):
         instance = launch(api, "HIB-FAIL")
         machine_id = instance.provider_instance_id
         assert api.post(f"/api/v1/instances/{instance.pk}/hibernate").status_code == 202

@@ -22,15 +22,18 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 def test_make_run_side_by_side_derives_or_picks_its_ports_and_tells_every_process(tmp_path):
     port = free_port()
     env = subprocess_env(PORT=str(port), DUMONT_DATA_DIR=str(tmp_path / "data"))
-    for name in ("SNAPSHOT_S3_ENDPOINT", "LOCAL_MARKETPLACE_URL", "AGENT_CONTROL_PLANE_URL", "LOG_LEVEL"):
+    for name in ("SNAPSHOT_S3_ENDPOINT", "SNAPSHOT_FAST_S3_ENDPOINT", "LOCAL_MARKETPLACE_URL",
+                 "AGENT_CONTROL_PLANE_URL", "LOG_LEVEL"):
         env.pop(name, None)
     log_path = tmp_path / "make-run.log"
-    with socket.socket() as other_checkout, open(log_path, "wb") as log:
+    with socket.socket() as other_checkout, socket.socket() as other_fast, open(log_path, "wb") as log:
         try:
             other_checkout.bind(("127.0.0.1", port + 1))  # "another checkout's S3 server"
+            other_fast.bind(("127.0.0.1", port + 4))  # and its fast-path endpoint
         except OSError:
-            pytest.skip(f"port {port + 1} is taken already")
+            pytest.skip(f"port {port + 1} or {port + 4} is taken already")
         other_checkout.listen(1)
+        other_fast.listen(1)
         process = subprocess.Popen([sys.executable, "-m", "dumont.devrun"], cwd=REPO_ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -43,13 +46,20 @@ def test_make_run_side_by_side_derives_or_picks_its_ports_and_tells_every_proces
             assert s3_url != f"http://127.0.0.1:{port + 1}" and f"port {port + 1} (S3 server) is taken" in (
                 log_path.read_text())
             assert market_url == f"http://127.0.0.1:{port + 2}"
+            fast = wait_until(lambda: re.search(r"fast path on (http://\S+)", log_path.read_text()), timeout=60,
+                              what="the S3 server to say where its fast path listens")
+            fast_url = fast[1]
+            assert fast_url != f"http://127.0.0.1:{port + 4}" and (
+                f"port {port + 4} (S3 server, fast path) is taken" in log_path.read_text())
 
             def everything_answers() -> bool:
                 assert process.poll() is None, log_path.read_text()
                 try:
                     return (requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).ok
                             and requests.get(f"{market_url}/_market/health/", timeout=2).ok
-                            and requests.get(s3_url, timeout=2).status_code in (200, 403))
+                            and requests.get(s3_url, timeout=2).status_code in (200, 403)
+                            # unsigned: refused (the control plane's key only), but by rclone
+                            and requests.get(fast_url, timeout=2).status_code in (400, 403))
                 except requests.RequestException:
                     return False
 

@@ -58,6 +58,7 @@ def snapshot_settings_env(s3: S3, control_key: Path, data_dir: Path) -> dict[str
     """The same settings as environment variables, for worker subprocesses."""
     return {
         "SNAPSHOT_S3_ENDPOINT": s3.endpoint,
+        "SNAPSHOT_FAST_S3_ENDPOINT": s3.server.fast_endpoint,
         "SNAPSHOT_S3_BUCKET": BUCKET,
         "SNAPSHOT_S3_REGION": "auto",
         "SNAPSHOT_S3_ACCESS_KEY_ID": s3.admin.access_key_id,
@@ -74,6 +75,7 @@ def snapshot_settings_env(s3: S3, control_key: Path, data_dir: Path) -> dict[str
 @pytest.fixture(autouse=True)
 def snapshot_settings(settings, s3: S3, control_key: Path, data_dir: Path) -> S3:
     settings.SNAPSHOT_S3_ENDPOINT = s3.endpoint
+    settings.SNAPSHOT_FAST_S3_ENDPOINT = s3.server.fast_endpoint
     settings.SNAPSHOT_S3_BUCKET = BUCKET
     settings.SNAPSHOT_S3_REGION = "auto"
     settings.SNAPSHOT_S3_ACCESS_KEY_ID = s3.admin.access_key_id

@@ -128,3 +128,17 @@ def install_restic_wrapper(machine: Machine, body: str) -> None:
     machine.restic.parent.mkdir(parents=True, exist_ok=True)
     machine.restic.write_text(f"#!/bin/sh\n{body}\n")
     machine.restic.chmod(0o755)
+
+
+def processes_in(root: Path) -> list[int]:
+    """Every process whose working directory is `root` (the dev S3 server starts all of its own there)."""
+    root = root.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "cwd")) == root:
+                    found.append(int(entry.name))
+            except OSError:
+                continue  # gone, or not ours to read
+    return found

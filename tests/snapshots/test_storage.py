@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import boto3
 import pytest
@@ -23,7 +24,7 @@ from snapshots.models import Snapshot
 from tests.factories import make_instance, make_user
 from tests.harness import REPO_ROOT
 from tests.snapshots.conftest import BUCKET
-from tests.snapshots.helpers import make_workspace
+from tests.snapshots.helpers import make_workspace, processes_in
 
 
 def _client(key_id: str, secret: str):
@@ -65,18 +66,24 @@ def test_a_scoped_key_needs_its_own_secret_and_an_unknown_or_expired_key_opens_n
 
 
 def test_the_development_entry_point_serves_s3_and_prints_no_secret(tmp_path):
-    port = free_port()
+    port, fast_port = free_port(), free_port()
     secret = "entry-point-secret-0123456789"
     env = {name: value for name, value in os.environ.items() if not name.startswith("SNAPSHOT_")}
     env.update(SNAPSHOT_S3_ACCESS_KEY_ID="entry-point-key", SNAPSHOT_S3_SECRET_ACCESS_KEY=secret,
                DJANGO_SETTINGS_MODULE="dumont.settings")
     process = subprocess.Popen(
-        [sys.executable, "-m", "dumont.s3server", "--port", str(port), "--dir", str(tmp_path / "s3")],
+        [sys.executable, "-m", "dumont.s3server", "--port", str(port), "--fast-port", str(fast_port),
+         "--dir", str(tmp_path / "s3")],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         line = process.stdout.readline()
-        assert f"http://127.0.0.1:{port}" in line
+        assert f"S3 on http://127.0.0.1:{port}," in line and f"fast path on http://127.0.0.1:{fast_port} " in line
+        # no secret on a command line (rclone's auth key comes through its environment)
+        started = processes_in(tmp_path / "s3")
+        assert len(started) == 3  # the gated rclone, its gate, the fast rclone
+        for pid in started:
+            assert secret not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="auto",
                           aws_access_key_id="entry-point-key", aws_secret_access_key=secret)
         s3.create_bucket(Bucket="dev-bucket")
@@ -88,13 +95,15 @@ def test_the_development_entry_point_serves_s3_and_prints_no_secret(tmp_path):
         user = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="auto",
                             aws_access_key_id=scoped.access_key_id, aws_secret_access_key=scoped.secret_access_key)
         user.put_object(Bucket="dev-bucket", Key="users/1/x/data/00/ok", Body=b"ok")
+        fast = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{fast_port}", region_name="auto",
+                            aws_access_key_id="entry-point-key", aws_secret_access_key=secret)
+        assert fast.get_object(Bucket="dev-bucket", Key="users/1/x/data/00/ok")["Body"].read() == b"ok"
     finally:
         process.send_signal(signal.SIGTERM)
         output = line + process.communicate(timeout=20)[0]
     assert process.returncode == 0
     assert secret not in output and scoped.secret_access_key not in output
-    rclone_left = subprocess.run(["pgrep", "-f", str(tmp_path / "s3")], capture_output=True, text=True).stdout
-    assert rclone_left == ""
+    assert processes_in(tmp_path / "s3") == []
 
 
 class _FakeCloudflare(BaseHTTPRequestHandler):
