@@ -527,11 +527,14 @@ def _start_fast(root: Path, admin: Credentials, path: str, addr: str, deadline: 
         offset = log.tell()
         process = subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                    start_new_session=True)
-    endpoint = _wait_for_line(log_path, offset, _LISTENING, process, deadline)
-    if endpoint is None:
+    try:
+        endpoint = _wait_for_line(log_path, offset, _LISTENING, process, deadline)
+        if endpoint is None:
+            text = log_path.read_text(errors="replace")[offset:].strip()[-2000:]
+            raise S3ServerError(f"the fast rclone serve s3 did not start on {addr}: {text}")
+    except BaseException:
         _stop_group(process, 10)
-        text = log_path.read_text(errors="replace")[offset:].strip()[-2000:]
-        raise S3ServerError(f"the fast rclone serve s3 did not start on {addr}: {text}")
+        raise
     return process, endpoint
 
 
@@ -575,7 +578,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         server.stop()
     if not stop:
-        raise SystemExit(f"rclone exited: {server.log()[-2000:]}")
+        fast_log = server.root / "rclone-fast.log"
+        raise SystemExit(f"rclone exited: {server.log()[-2000:]}\nthe fast one's log: "
+                         f"{fast_log.read_text(errors='replace')[-1000:] if fast_log.exists() else ''}")
 
 
 if __name__ == "__main__":
