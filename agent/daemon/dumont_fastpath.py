@@ -46,7 +46,7 @@ BOUNDARY_MODULUS = 64  # content-defined group boundaries: an inserted file move
 PROBE_BYTES = 1 << 20  # compressibility probe: zstd -1 of a chunk's first MiB
 PROBE_RATIO = 0.9
 HASH_READ = 8 << 20
-IO_BUFFER = 4 << 20
+IO_BUFFER = 1 << 20  # each byte is received, hashed, then written: a buffer that stays in the CPU's cache
 SMALL_BATCH_BYTES = 4 << 20  # small files are hashed in batches: one thread-pool task per batch
 HASH_THREADS = 4
 UPLOAD_THREADS = 8
@@ -57,6 +57,7 @@ PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 TAR_PAX = "exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime"  # deterministic headers, no atime/ctime
 HEX = frozenset("0123456789abcdef")
+TRACE = bool(os.environ.get("DUMONT_FASTPATH_TRACE"))  # one stderr line per restored object
 
 
 class Failure(Exception):
@@ -706,10 +707,14 @@ class PipeSink(Sink):
             raise Failure(f"{self.what} stopped reading: {self.stderr_tail()}") from None
 
     def finish(self) -> None:
+        """All the body was written: the child finishes on its own (`complete`, in the background)."""
         try:
             self.stdin.close()
         except BrokenPipeError:
             pass
+        self.stdin = None
+
+    def complete(self) -> None:
         statuses = [process.wait() for process in self.processes]
         if any(statuses):
             raise Failure(f"{self.what} failed (exit {max(statuses)}): {self.stderr_tail()}")
@@ -751,8 +756,8 @@ class ZstdChunk(PipeSink):
         return [subprocess.Popen(["zstd", "-d", "-q", "-c"], stdin=subprocess.PIPE, stdout=self.fd,
                                  stderr=self.errors)]
 
-    def finish(self) -> None:
-        super().finish()
+    def complete(self) -> None:
+        super().complete()
         path, offset = self.targets[0]
         written = os.lseek(self.fd, 0, os.SEEK_CUR) - offset
         if written != self.size:
@@ -797,6 +802,36 @@ class GroupArchive(PipeSink):
                                stdin=zstd.stdout, stdout=subprocess.DEVNULL, stderr=self.errors)
         zstd.stdout.close()
         return [zstd, tar]
+
+
+class Background:
+    """Waits for the children (zstd, tar) of bodies already received, so that their worker fetches the next
+    object meanwhile: creating a group's thousands of files takes longer than downloading it."""
+
+    def __init__(self, limit: int, errors: list):
+        self.slots = threading.BoundedSemaphore(limit)  # children in flight, at most
+        self.errors = errors
+        self.threads = []
+
+    def hand_over(self, key: str, sink: PipeSink) -> None:
+        thread = threading.Thread(target=self._complete, args=(key, sink))
+        thread.start()
+        self.threads.append(thread)
+
+    def _complete(self, key: str, sink: PipeSink) -> None:
+        try:
+            sink.complete()
+        except Failure as e:
+            self.errors.append(f"object {key}: {e}")
+        except Exception as e:  # noqa: BLE001 (any surprise fails the restore with a reason)
+            self.errors.append(f"object {key}: {type(e).__name__}: {e}")
+        finally:
+            sink.abort()
+            self.slots.release()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join()
 
 
 def fetch(connections: Connections, url: str, key: str, record: dict, sink: Sink, check_key: bool) -> None:
@@ -845,7 +880,6 @@ def fetch(connections: Connections, url: str, key: str, record: dict, sink: Sink
         if digest.hexdigest() != record["stored_sha256"] or (check_key and digest.hexdigest() != key):
             sink.abort()
             raise Failure(f"{what} is corrupt in storage (its sha256 does not match)")
-        sink.finish()
 
     with_retries(what, attempt)
 
@@ -912,19 +946,22 @@ def command_restore(args) -> dict:
             remove_any(path)
     prepared = time.monotonic()
 
-    # the data: big files' chunks first (largest files first), then the groups
+    # the data. Groups first: their download is short but their extraction (thousands of file creations, in
+    # the background) is long, so it overlaps the chunks' transfer instead of trailing it. Then the chunks of
+    # the big files, largest files first.
     placements: dict = {}
     for entry in sorted(big_files, key=lambda e: -e["size"]):
         for key, (offset, _) in zip(entry["chunks"], chunk_ranges(entry["size"])):  # noqa: B905 (3.8)
             placements.setdefault(key, []).append((join(workspace, entry["path"]), offset))
     jobs: queue.Queue = queue.Queue()
-    for key, targets in placements.items():
-        jobs.put((key, targets))
     groups = {entry["group"]: None for entry in entries if entry["type"] == "file" and entry.get("chunks") is None}
     for key in groups:
         jobs.put((key, None))
+    for key, targets in placements.items():
+        jobs.put((key, targets))
     object_count = jobs.qsize()
-    errors = []
+    errors: list = []
+    background = Background(2 * RESTORE_THREADS, errors)
 
     def worker():
         connections = Connections()
@@ -941,14 +978,27 @@ def command_restore(args) -> dict:
                     sink = RawChunk(targets)
                 else:
                     sink = ZstdChunk(targets, record["size"])
+                begun = time.monotonic()
+                piped = isinstance(sink, PipeSink)
+                if piped:
+                    background.slots.acquire()
                 try:
                     fetch(connections, urls[key], key, record, sink, check_key=isinstance(sink, RawChunk))
+                    sink.finish()
+                    if TRACE:
+                        sys.stderr.write(f"{time.monotonic() - started:8.3f} {type(sink).__name__} {key[:12]} "
+                                         f"{record['size']} in {time.monotonic() - begun:.3f}s\n")
                 except Failure as e:
                     errors.append(str(e))
                 except Exception as e:  # noqa: BLE001 (any surprise fails the restore with a reason)
                     errors.append(f"object {key}: {type(e).__name__}: {e}")
-                finally:
-                    sink.abort()
+                else:
+                    if piped:
+                        background.hand_over(key, sink)
+                    continue
+                sink.abort()
+                if piped:
+                    background.slots.release()
         finally:
             connections.close()
 
@@ -957,6 +1007,7 @@ def command_restore(args) -> dict:
         thread.start()
     for thread in threads:
         thread.join()
+    background.join()
     if errors:
         raise Failure(errors[0])
     data_done = time.monotonic()

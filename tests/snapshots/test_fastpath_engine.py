@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -241,11 +242,12 @@ def small_snapshot(store: Store, machine: Machine, session) -> tuple[Scan, dict]
     return scan, manifest
 
 
-def test_a_corrupted_object_fails_the_restore_naming_it(store: Store, pair, control_key):
+@pytest.mark.parametrize("kind", ["chunk", "group"])
+def test_a_corrupted_object_fails_the_restore_naming_it(store: Store, pair, control_key, kind):
     source, target = pair
     with session_of(source, control_key) as src, session_of(target, control_key) as dst:
         scan, manifest = small_snapshot(store, source, src)
-        chunk = next(key for key, record in scan.objects.items() if record["kind"] == "chunk")
+        chunk = next(key for key, record in scan.objects.items() if record["kind"] == kind)
         stored = store.path(chunk)
         data = bytearray(stored.read_bytes())
         data[len(data) // 2] ^= 0xFF  # same size: only the content lies
@@ -257,6 +259,28 @@ def test_a_corrupted_object_fails_the_restore_naming_it(store: Store, pair, cont
             data[len(data) // 2] ^= 0xFF
             stored.write_bytes(data)
         assert chunk in failure.value.reason and "corrupt" in failure.value.reason
+        assert_no_url(failure.value.reason)
+
+
+def test_an_archive_that_tar_cannot_extract_fails_the_restore(store: Store, pair, control_key):
+    """The extraction finishes in the background, after its worker moved on: its failure still counts."""
+    source, target = pair
+    with session_of(source, control_key) as src, session_of(target, control_key) as dst:
+        scan, manifest = small_snapshot(store, source, src)
+        group = next(key for key, record in scan.objects.items() if record["kind"] == "group")
+        garbage = subprocess.run(["zstd", "-1", "-q", "-c"], input=os.urandom(3000), capture_output=True,
+                                 check=True).stdout
+        stored = store.path(group)
+        original = stored.read_bytes()
+        stored.write_bytes(garbage)  # intact as stored (its sha256 matches), but not a tar archive
+        lying = copy.deepcopy(manifest)
+        lying["objects"][group].update(stored_size=len(garbage), stored_sha256=hashlib.sha256(garbage).hexdigest())
+        try:
+            with pytest.raises(FastPathError) as failure:
+                store.restore(dst, lying)
+        finally:
+            stored.write_bytes(original)
+        assert group in failure.value.reason and "tar failed" in failure.value.reason
         assert_no_url(failure.value.reason)
 
 
