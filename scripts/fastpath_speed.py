@@ -3,8 +3,9 @@
     .venv/bin/python scripts/fastpath_speed.py [--size-gb 1] [--rounds 2] [--dir /tmp]
 
 A workspace shaped like a GPU user's (dumont/bench/snapshots.generate_workspace) is snapshotted from one sshd
-machine through the engine, then restored onto an empty second one, alternating with the ceiling: 8 threads
-GETting every object of the manifest to /dev/null (one keep-alive connection each, readinto a reused buffer).
+machine through the engine, then restored onto an empty second one, alternating with the ceiling (8 threads
+GETting every object of the manifest to /dev/null: one keep-alive connection each, readinto a reused buffer)
+and `cp -a` of the source workspace (the goal is >= 0.9 x min(cp -a, ceiling)).
 Endpoint: the S3 server's `fast_endpoint` when it has one, else its rclone directly (the gate is a Python
 relay: it would measure itself).
 """
@@ -138,11 +139,18 @@ def run(root: Path, size: int, rounds: int) -> None:
                 target.workspace.mkdir()
                 subprocess.run(["sync"], check=True)  # the previous round's dirty pages are not this one's cost
                 stats = fastpath.restore(session, manifest, get_urls, timeout=3600)
+                copy = root / "cp-a"
+                subprocess.run(["sync"], check=True)
+                started = time.monotonic()
+                subprocess.run(["cp", "-a", str(source.workspace), str(copy)], check=True)
+                copy_seconds = time.monotonic() - started
+                shutil.rmtree(copy)
                 ratio = seconds / stats["seconds"]
                 print(f"round {round_ + 1}: GET ceiling {seconds:.2f}s = {total / 1e6 / seconds:.0f} MB/s "
                       f"(workspace bytes; {stored / 1e6 / seconds:.0f} MB/s stored) | restore {stats['seconds']:.2f}s "
                       f"= {total / 1e6 / stats['seconds']:.0f} MB/s, phases {stats['phases']} | "
-                      f"restore / ceiling = {ratio:.2f}")
+                      f"restore / ceiling = {ratio:.2f} | cp -a {copy_seconds:.2f}s, restore / cp -a = "
+                      f"{copy_seconds / stats['seconds']:.2f}")
             assert tree_bytes(target.workspace) == total
     finally:
         for machine in machines:
