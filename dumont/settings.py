@@ -248,6 +248,11 @@ HIBERNATE_ALERT_AFTER_FAILURES = env.int("HIBERNATE_ALERT_AFTER_FAILURES", defau
 # `restic check --read-data-subset` the control plane runs after a hibernation's backup, before the
 # destroy: how much of the repository's pack data it reads back ("5%", "64M", "1/10"; empty: no read).
 SNAPSHOT_VERIFY_READ_SUBSET = env.str("SNAPSHOT_VERIFY_READ_SUBSET", default="64M")
+# The fast path (README "Fast wake"): a hibernation (and a snapshot asked for with "fast") also stores a
+# restore-optimised copy beside restic's, and a wake restores from it. Off: every restore is restic's.
+SNAPSHOT_FASTPATH = env.bool("SNAPSHOT_FASTPATH", default=True)
+# how old an object no manifest names must be before the garbage collector deletes it
+SNAPSHOT_FASTPATH_GC_GRACE_SECONDS = env.int("SNAPSHOT_FASTPATH_GC_GRACE_SECONDS", default=3600)
 
 # The agent's periodic incremental backup (its sync service), and how often the control plane records
 # (and verifies) the syncs agents report as periodic snapshots.

@@ -203,9 +203,15 @@ def instance_wake_run(instance_id: int) -> str:
                         running_message="awake on {host} in {seconds:.1f}s",
                         failed_message="wake failed, back to hibernated (snapshot intact): restore failed: {error}")
         if done.outcome == "running":
+            detail = done.detail
+            restored = (f"{(detail.get('restore_bytes') or 0) / 1e6:.0f} MB restored with "
+                        f"{'the fast path' if detail.get('restore_method') == 'fastpath' else 'restic'} at "
+                        f"{detail.get('restore_mb_per_second') or 0:.0f} MB/s" if detail.get("restore_method")
+                        else "an empty workspace")
             instance_event_add(instance=instance, kind=InstanceEvent.Kind.WAKE,
-                               message=f"workspace restored and agent running in {done.timings['total']:.1f}s",
-                               data={"timings": done.timings, "restore": done.detail["restore"]})
+                               message=f"workspace restored and agent running in {done.timings['total']:.1f}s "
+                                       f"({restored})",
+                               data={"timings": done.timings, **detail})
         # otherwise the race or the relaunch already sent the instance back to hibernated (or it was destroyed)
         return done.outcome
 

@@ -119,6 +119,9 @@ def _from_snapshot(instance: Instance, snapshot_id: int | None, timings: dict[st
                                                  target=instance.ssh_target, on_event=events_for(instance))
     timings["restore"] = round(time.monotonic() - started, 3)
     detail["restore"] = restore.pk
+    # what a wake reports: how the workspace came back, how much, how fast
+    detail.update(restore_method=restore.method, restore_bytes=restore.stats.get("bytes"),
+                  restore_mb_per_second=restore.stats.get("mb_per_second"))
     if restore.status != restore.Status.SUCCEEDED:
         raise _NotRestored(restore.error)
 

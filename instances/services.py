@@ -188,13 +188,14 @@ def _running(instance: Instance) -> None:
         raise Conflict(f"instance {instance.pk} is {instance.status}, not running", data={"status": instance.status})
 
 
-def instance_snapshot_request(*, instance: Instance) -> Snapshot:
-    """Snapshot a running instance now (`POST /instances/{id}/snapshots`); a snapshots task takes it."""
+def instance_snapshot_request(*, instance: Instance, fast: bool = False) -> Snapshot:
+    """Snapshot a running instance now (`POST /instances/{id}/snapshots`, with `fast`: its fast path too); a
+    snapshots task takes it."""
     from snapshots import tasks as snapshot_tasks
 
     _running(instance)
     snapshot = snapshot_services.snapshot_create(owner=instance.owner, instance_id=instance.pk,
-                                                 target=instance.ssh_target)
+                                                 target=instance.ssh_target, fast=fast)
     instance_event_add(instance=instance, kind=InstanceEvent.Kind.SNAPSHOT,
                        message=f"snapshot {snapshot.pk} requested", data={"snapshot": snapshot.pk})
     transaction.on_commit(lambda: snapshot_tasks.take_snapshot.delay(snapshot.pk))

@@ -170,6 +170,8 @@ class SnapshotRestore(MachineAddress):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     error = models.TextField(blank=True)
     installed_restic = models.BooleanField(default=False, help_text="restic had to be copied to the machine first.")
+    method = models.CharField(max_length=16, blank=True, help_text="What wrote the workspace: fastpath or restic.")
+    stats = models.JSONField(default=dict, blank=True, help_text="Bytes, MB/s, phases; why the fast path was not used.")
     duration_seconds = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -187,3 +189,45 @@ class SnapshotRestore(MachineAddress):
 
     def __str__(self) -> str:
         return f"restore #{self.pk} of snapshot {self.snapshot_id} into instance {self.instance_id} ({self.status})"
+
+
+class FastPathManifest(models.Model):
+    """The restore-optimised copy of a snapshot's workspace (snapshots/fastpath_services.py): content-addressed
+    objects under `{prefix}/fast/objects/`, named by a manifest at `{prefix}/fast/manifests/{id}.json` that the
+    control plane writes last (the commit point) once every object it names is in storage.
+
+    `object_keys` lists every object key the manifest names (set before any upload: what the garbage collector keeps
+    while the snapshot is being written); `manifest_sha256` pins the stored manifest (a wake refuses another one).
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"  # objects being uploaded
+        VERIFIED = "verified"  # the manifest and every object it names are in storage
+        FAILED = "failed"
+        DELETED = "deleted"  # retention dropped it: its objects may go (unless another manifest names them)
+
+    snapshot = models.OneToOneField(Snapshot, on_delete=models.CASCADE, related_name="fastpath")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="fastpath_manifests")
+    instance = models.ForeignKey("instances.Instance", on_delete=models.CASCADE, related_name="fastpath_manifests")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    object_keys = models.JSONField(default=list, blank=True, help_text="Every object key the manifest names.")
+    manifest_sha256 = models.CharField(max_length=64, blank=True)
+    workspace_bytes = models.BigIntegerField(null=True, blank=True)
+    stored_bytes = models.BigIntegerField(null=True, blank=True, help_text="Bytes of all its objects in storage.")
+    uploaded_bytes = models.BigIntegerField(null=True, blank=True, help_text="What this snapshot uploaded.")
+    file_count = models.PositiveIntegerField(null=True, blank=True)
+    duration_seconds = models.FloatField(null=True, blank=True)
+    stats = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    LIVE = frozenset({Status.PENDING, Status.VERIFIED})
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["owner", "status"]), models.Index(fields=["instance", "status"])]
+
+    def __str__(self) -> str:
+        return f"fast path of snapshot {self.snapshot_id} ({self.status})"

@@ -10,7 +10,7 @@ from snapshots.models import MachineKey, Snapshot, SnapshotRestore
 
 
 def snapshots_of(user):
-    return Snapshot.objects.filter(owner=user).exclude(status=Snapshot.Status.DELETED)
+    return Snapshot.objects.filter(owner=user).exclude(status=Snapshot.Status.DELETED).select_related("fastpath")
 
 
 def snapshot_of(*, user, snapshot_id: int) -> Snapshot:

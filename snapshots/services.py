@@ -31,8 +31,8 @@ from dumont.core.errors import Conflict, NotFound
 from dumont.core.locks import lock_key
 from machines.keys import control_plane_key_path
 from machines.ssh import PrivateKeyLike, SSHError, SSHTarget, connect
-from snapshots import restic, selectors, storage
-from snapshots.models import MachineKey, Snapshot, SnapshotRepository, SnapshotRestore
+from snapshots import fastpath, fastpath_services, restic, selectors, storage
+from snapshots.models import FastPathManifest, MachineKey, Snapshot, SnapshotRepository, SnapshotRestore
 from snapshots.states import status_transition
 
 log = logging.getLogger(__name__)
@@ -274,8 +274,10 @@ class _ProgressReporter:
 # ---- snapshots ------------------------------------------------------------------------------
 
 
-def snapshot_create(*, owner, instance_id: int, target: SSHTarget, reason: str = Snapshot.Reason.MANUAL) -> Snapshot:
-    """Record the intent: a pending snapshot of that machine. One at a time per instance (409 otherwise)."""
+def snapshot_create(*, owner, instance_id: int, target: SSHTarget, reason: str = Snapshot.Reason.MANUAL,
+                    fast: bool = False) -> Snapshot:
+    """Record the intent: a pending snapshot of that machine (with `fast`, a fast path too). One at a time per
+    instance (409 otherwise)."""
     if reason not in Snapshot.Reason.values:
         raise ValueError(f"unknown snapshot reason {reason!r}")
     if not target.host or not target.host_key:
@@ -288,6 +290,8 @@ def snapshot_create(*, owner, instance_id: int, target: SSHTarget, reason: str =
             if SnapshotRestore.objects.filter(instance_id=instance_id, status__in=SnapshotRestore.ACTIVE).exists():
                 raise Conflict(f"instance {instance_id} is being restored; snapshot it afterwards")
             snapshot.save()
+            if fast:
+                fastpath_services.fast_request(snapshot)
     except IntegrityError:
         raise Conflict(f"a snapshot of instance {instance_id} is already in progress") from None
     return snapshot
@@ -309,14 +313,19 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
     if not started:
         return snapshot  # done already (a re-delivered task)
     parent_id, after_restore = _parent_of(snapshot.instance_id)
+    fast = fastpath_services.fast_requested(snapshot)
     on_event("snapshot", f"snapshot {snapshot.pk} started ({snapshot.reason})",
-             {"snapshot": snapshot.pk, "parent": parent_id, "after_restore": after_restore})
+             {"snapshot": snapshot.pk, "parent": parent_id, "after_restore": after_restore, "fastpath": fast})
+    fast_running, fast_manifest = None, None
     try:
         with connect(snapshot.ssh_target, private_key or control_plane_key_path()) as session:
             repository = repository_ensure(owner=snapshot.owner)
             key = machine_key_ensure(repository=repository, instance_id=snapshot.instance_id,
                                      target=snapshot.ssh_target)
             installed = restic.restic_ensure(session, local_binary=restic_binary())
+            if fast:  # beside restic's backup, at the same time, on the same connection
+                fast_running = fastpath_services.take_start(
+                    session, fastpath_services.take_prepare(snapshot, repository))
             result = restic.backup(
                 restic.RemoteRunner(session),
                 _machine_repository(repository, key, ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300), tuning(),
@@ -324,17 +333,25 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
                 after_restore=after_restore, on_progress=_ProgressReporter(snapshot, on_event),
                 listed_by=_local_runner(), listed_repository=_control_plane_repository(repository),
             )
+            if fast_running is not None:
+                fast_manifest = fastpath_services.take_finish(fast_running, snapshot_verified=True)
+                fast_running = None
         check_seconds = None
         if read_back and settings.SNAPSHOT_VERIFY_READ_SUBSET:
             check_seconds = restic.check_read_data(_local_runner(), _control_plane_repository(repository), tuning(),
                                                    subset=settings.SNAPSHOT_VERIFY_READ_SUBSET)
     except restic.EmptyWorkspace:
+        _fast_abandon(fast_running, "the workspace is empty: nothing to restore")
         return _snapshot_empty(snapshot, on_event)
     except (restic.ResticError, SSHError, storage.StorageError, MachineGone) as exc:
+        _fast_abandon(fast_running, f"its restic snapshot failed: {_failure_reason(exc)}")
         return _snapshot_failed(snapshot, exc, on_event)
     except BaseException as exc:  # a soft time limit, a worker shutting down: never leave it "running"
+        _fast_abandon(fast_running, f"interrupted: {type(exc).__name__}")
         _snapshot_failed(snapshot, exc, on_event)
         raise
+    if fast_manifest is not None:
+        _fast_event(snapshot, fast_manifest, on_event)
     with transaction.atomic():
         snapshot = Snapshot.objects.select_for_update().get(pk=snapshot_id)
         now = timezone.now()
@@ -355,6 +372,25 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
               "added_bytes": result.data_added, "file_count": result.total_files,
               "files_unmodified": result.files_unmodified, "duration_seconds": snapshot.duration_seconds})
     return snapshot
+
+
+def _fast_abandon(running, reason: str) -> None:
+    if running is not None:
+        fastpath_services.take_abandon(running, reason)
+
+
+def _fast_event(snapshot: Snapshot, manifest: FastPathManifest, on_event: EventCallback) -> None:
+    if manifest.status == FastPathManifest.Status.VERIFIED:
+        stats = manifest.stats
+        on_event("snapshot", f"snapshot {snapshot.pk}: fast path verified, {stats.get('objects')} objects "
+                 f"({stats.get('objects_uploaded')} uploaded, {manifest.uploaded_bytes} bytes) in "
+                 f"{manifest.duration_seconds:.1f}s",
+                 {"snapshot": snapshot.pk, "fastpath": manifest.pk, "uploaded_bytes": manifest.uploaded_bytes,
+                  "stored_bytes": manifest.stored_bytes, **stats})
+    else:
+        log.warning("snapshot %s: fast path failed: %s", snapshot.pk, manifest.error)
+        on_event("snapshot", f"snapshot {snapshot.pk}: fast path failed ({manifest.error}); a wake from it restores "
+                 "with restic", {"snapshot": snapshot.pk, "fastpath": manifest.pk, "fastpath_error": manifest.error})
 
 
 def snapshot_take(*, owner, instance_id: int, target: SSHTarget, reason: str = Snapshot.Reason.MANUAL,
@@ -397,6 +433,8 @@ def _failure_reason(exc: BaseException) -> str:
         return f"SSH: {exc}"
     if isinstance(exc, storage.StorageError | MachineGone):
         return exc.detail
+    if isinstance(exc, fastpath.FastPathError):
+        return exc.reason
     return f"interrupted: {type(exc).__name__}: {exc}"[:500]
 
 
@@ -496,31 +534,59 @@ def restore_run(*, restore_id: int, private_key: PrivateKeyLike | None = None,
     on_event("restore", f"restore of snapshot {restore.snapshot_id} ({short_id}) started",
              {"restore": restore.pk, "snapshot": restore.snapshot_id, "size_bytes": restore.snapshot.size_bytes or 0})
     started = time.monotonic()
-    installed = False
+    installed, method, figures = False, "", {}
     try:
         if restore.restic_snapshot_id:  # else an empty workspace's snapshot: nothing to write
             with connect(restore.ssh_target, private_key or control_plane_key_path()) as session:
                 repository = repository_ensure(owner=restore.owner)
-                key = machine_key_ensure(repository=repository, instance_id=restore.instance_id, target=restore.ssh_target)
-                installed = restic.restic_ensure(session, local_binary=restic_binary())
-                machine_repository = _machine_repository(repository, key,
-                                                         ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300)
-                restic.restore(restic.RemoteRunner(session), machine_repository, tuning(),
-                               snapshot_id=restore.restic_snapshot_id)
+                method, figures = _restore_fast(session, restore, repository, on_event)
+                if method != "fastpath":
+                    key = machine_key_ensure(repository=repository, instance_id=restore.instance_id,
+                                             target=restore.ssh_target)
+                    installed = restic.restic_ensure(session, local_binary=restic_binary())
+                    machine_repository = _machine_repository(repository, key,
+                                                             ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300)
+                    restic.restore(restic.RemoteRunner(session), machine_repository, tuning(),
+                                   snapshot_id=restore.restic_snapshot_id)
+                    method = "restic"
     except (restic.ResticError, SSHError, storage.StorageError, MachineGone) as exc:
         return _restore_failed(restore, exc, on_event)
     except BaseException as exc:
         _restore_failed(restore, exc, on_event)
         raise
     duration = round(time.monotonic() - started, 3)
+    size = int(figures.get("bytes") or restore.snapshot.size_bytes or 0)
+    stats = {**figures, "bytes": size, "mb_per_second": round(size / 1e6 / duration, 1) if duration else None}
     status_transition(SnapshotRestore.objects.filter(pk=restore.pk), SnapshotRestore.Status.SUCCEEDED,
-                      installed_restic=installed, duration_seconds=duration, finished_at=timezone.now(), error="")
-    size = restore.snapshot.size_bytes or 0
-    on_event("restore", f"restore of snapshot {restore.snapshot_id} done in {duration:.1f}s",
+                      installed_restic=installed, duration_seconds=duration, finished_at=timezone.now(), error="",
+                      method=method, stats=stats)
+    how = {"fastpath": "the fast path", "restic": "restic"}.get(method, "nothing to write")
+    on_event("restore", f"restore of snapshot {restore.snapshot_id} done in {duration:.1f}s with {how}: "
+             f"{size / 1e6:.0f} MB at {stats['mb_per_second'] or 0:.0f} MB/s",
              {"restore": restore.pk, "snapshot": restore.snapshot_id, "duration_seconds": duration,
-              "size_bytes": size, "mb_per_second": round(size / 1e6 / duration, 1) if duration else None})
+              "size_bytes": size, "mb_per_second": stats["mb_per_second"], "method": method})
     restore.refresh_from_db()
     return restore
+
+
+def _restore_fast(session, restore: SnapshotRestore, repository: SnapshotRepository,
+                  on_event: EventCallback) -> tuple[str, dict]:
+    """The fast path when the snapshot has a verified one: ("fastpath", its figures). Any failure is said in the
+    events and left to restic, which rewrites every file of the snapshot: ("", {"fastpath_error": why})."""
+    manifest = fastpath_services.manifest_of(restore.snapshot)
+    if manifest is None:
+        return "", {}
+    try:
+        return "fastpath", fastpath_services.restore(session, manifest, repository.prefix)
+    except (fastpath.FastPathError, storage.StorageError, SSHError) as exc:
+        reason = _failure_reason(exc)
+        log.warning("restore %s: the fast path failed, restic restores instead: %s", restore.pk, reason)
+        on_event("restore", f"restore of snapshot {restore.snapshot_id}: the fast path failed ({reason}); "
+                 "restoring with restic instead", {"restore": restore.pk, "fastpath": manifest.pk,
+                                                   "fastpath_error": reason})
+        if isinstance(exc, SSHError) and not session.active:
+            raise  # the machine is unreachable: restic cannot do better
+        return "", {"fastpath_error": reason}
 
 
 def snapshot_restore(*, owner, instance_id: int, target: SSHTarget, snapshot_id: int | None = None,
@@ -617,6 +683,10 @@ def _apply_retention(owner) -> RetentionResult:
                       prune=True)
         Snapshot.objects.filter(pk__in=list(ids)).update(forgotten_at=timezone.now())
         repository.pruned_at = timezone.now()
+    try:
+        fastpath_services.fastpath_apply_retention(repository)
+    except storage.StorageError as exc:  # restic's retention stands; the fast path's garbage waits a round
+        log.warning("fast-path retention of user %s not applied yet: %s", owner.pk, exc)
     repository.size_bytes = storage.repository_size(repository.prefix)
     repository.size_measured_at = timezone.now()
     repository.save(update_fields=["pruned_at", "size_bytes", "size_measured_at"])

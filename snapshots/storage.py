@@ -206,3 +206,62 @@ def _r2_temporary_credentials(prefix: str, ttl_seconds: int) -> Credentials:
     except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
         # the exception text names the URL and status, never the token
         raise StorageError(f"R2 temporary credentials: {type(exc).__name__}: {exc}") from None
+
+
+# ---- the fast path's objects (snapshots/fastpath_services.py) ------------------------------------
+# Only the control plane's key touches them: it lists, verifies and deletes them, and presigns the exact
+# PUT/GET URLs a machine needs (that object only, short-lived).
+
+_FAST_OBJECTS = "fast/objects"
+_FAST_MANIFESTS = "fast/manifests"
+
+
+def _fast_listing(prefix: str):
+    paginator = fast_client().get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=settings.SNAPSHOT_S3_BUCKET, Prefix=f"{prefix.strip('/')}/"):
+            yield from page.get("Contents", [])
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(f"object storage: listing {prefix} failed: {exc}") from exc
+
+
+def fast_objects(prefix: str) -> dict[str, tuple[int, float]]:
+    """The fast-path objects stored under a repository prefix: {key: (size, last modified, unix seconds)}."""
+    found = {}
+    for item in _fast_listing(f"{prefix.strip('/')}/{_FAST_OBJECTS}"):
+        found[item["Key"].rsplit("/", 1)[-1]] = (item["Size"], item["LastModified"].timestamp())
+    return found
+
+
+def fast_manifests(prefix: str) -> dict[int, str]:
+    """The stored manifests under a repository prefix: {manifest id: object name}."""
+    found = {}
+    for item in _fast_listing(f"{prefix.strip('/')}/{_FAST_MANIFESTS}"):
+        stem = item["Key"].rsplit("/", 1)[-1].removesuffix(".json")
+        if stem.isdigit():
+            found[int(stem)] = item["Key"]
+    return found
+
+
+def fast_presign(operation: str, name: str, ttl_seconds: int) -> str:
+    """A URL that lets its holder do `operation` (put_object, get_object) on that one object, for ttl_seconds."""
+    return _storage_call("presign", fast_client().generate_presigned_url, operation,
+                         Params={"Bucket": settings.SNAPSHOT_S3_BUCKET, "Key": name}, ExpiresIn=ttl_seconds)
+
+
+def fast_put(name: str, body: bytes) -> None:
+    _storage_call("write", fast_client().put_object, Bucket=settings.SNAPSHOT_S3_BUCKET, Key=name, Body=body)
+
+
+def fast_get(name: str) -> bytes:
+    answer = _storage_call("read", fast_client().get_object, Bucket=settings.SNAPSHOT_S3_BUCKET, Key=name)
+    return _storage_call("read", answer["Body"].read)
+
+
+def fast_delete(names: list[str]) -> None:
+    for start in range(0, len(names), _DELETE_BATCH):
+        batch = [{"Key": name} for name in names[start : start + _DELETE_BATCH]]
+        answer = _storage_call("delete", fast_client().delete_objects, Bucket=settings.SNAPSHOT_S3_BUCKET,
+                               Delete={"Objects": batch, "Quiet": True})
+        if answer.get("Errors"):
+            raise StorageError(f"object storage: {len(answer['Errors'])} fast-path objects were not deleted")

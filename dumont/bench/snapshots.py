@@ -154,134 +154,299 @@ class _Machine:
         self.sshd.stop()
 
 
+class _Cpu:
+    """CPU seconds this whole machine spent (every process: the S3 server, sshd, restic, the fast path), from
+    /proc/stat: the honest cost on a box where client and server share the cores."""
+
+    def __init__(self):
+        self.started = self._busy()
+
+    @staticmethod
+    def _busy() -> float:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def seconds(self) -> float:
+        return self._busy() - self.started
+
+
+def _drop_caches() -> bool:
+    """Flush and drop the page cache (root on Linux), so every measure reads from the disk; False if not allowed."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _get_ceiling(urls: list[str], threads: int) -> int:
+    """Every object GET to nowhere, `threads` keep-alive connections: what the store can serve. Returns bytes."""
+    import http.client
+    import queue
+    import threading
+    from urllib.parse import urlsplit
+
+    work: queue.SimpleQueue = queue.SimpleQueue()
+    for url in urls:
+        work.put(url)
+    totals = [0] * threads
+
+    def worker(index: int) -> None:
+        connection, buffer = None, memoryview(bytearray(1 << 20))
+        while True:
+            try:
+                url = work.get_nowait()
+            except queue.Empty:
+                break
+            parts = urlsplit(url)
+            if connection is None:
+                connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+            connection.request("GET", f"{parts.path}?{parts.query}")
+            response = connection.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"GET answered {response.status}")
+            while count := response.readinto(buffer):
+                totals[index] += count
+        if connection is not None:
+            connection.close()
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return sum(totals)
+
+
+@dataclasses.dataclass
+class Measure:
+    what: str
+    seconds: float
+    bytes: int
+    cpu_seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / MB / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_per_gb(self) -> float:
+        return self.cpu_seconds / (self.bytes / 1e9) if self.bytes else 0.0
+
+
 class SnapshotBenchmark(Benchmark):
-    help = "restic backup/restore through our engine vs cp -a and tar|zstd, against the local S3 server"
+    help = ("restore a workspace with the fast path and with restic, against cp -a and the S3 GET ceiling (alternating "
+            "rounds, caches dropped); the snapshot side (fresh, 1% changed, both at once as a hibernation) too")
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--size-gb", type=float, default=2.0, help="workspace size (default 2)")
+        parser.add_argument("--size-gb", type=float, default=1.8, help="workspace size (default 1.8)")
+        parser.add_argument("--rounds", type=int, default=3, help="alternating restore rounds (default 3)")
         parser.add_argument("--connections", type=int, default=32, help="restic -o s3.connections")
-        parser.add_argument("--restore-connections", type=int, nargs="*", default=[],
-                            help="extra restores with these s3.connections (restic restores with one worker each)")
-        parser.add_argument("--pack-size-mb", type=int, default=16, help="restic --pack-size (MiB)")
-        parser.add_argument("--compression", default="auto", choices=["auto", "off", "max"])
-        parser.add_argument("--gomaxprocs", type=int, nargs="*", default=[],
-                            help="extra restores with GOMAXPROCS set to these values")
+        parser.add_argument("--threads", type=int, default=8, help="GET ceiling connections (the fast path's 8)")
+        parser.add_argument("--skip-restic-restore", action="store_true", help="restore rounds without restic")
         parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: system temp)")
         parser.add_argument("--restic", default=shutil.which("restic") or "/usr/bin/restic")
-        parser.add_argument("--read-subsets", nargs="*", default=["64M", "10%", "100%"],
-                            help="`restic check --read-data-subset` sizes to time on the control plane (the "
-                                 "hibernation read-back, SNAPSHOT_VERIFY_READ_SUBSET)")
 
     def run(self, **options) -> None:
         size = int(options["size_gb"] * 1e9)
-        tuning = restic.Tuning(connections=options["connections"], pack_size_mb=options["pack_size_mb"],
-                               compression=options["compression"], command_timeout=3600)
+        tuning = restic.Tuning(connections=options["connections"], command_timeout=3600)
         self.stdout.write(f"restic {restic.local_version(options['restic'])}, {os.cpu_count()} CPUs, "
-                          f"workspace {size / 1e9:.2f} GB, {tuning}")
+                          f"workspace {size / 1e9:.2f} GB, {options['rounds']} rounds")
         self.stdout.write(f"load average before: {_load()}")
         with tempfile.TemporaryDirectory(prefix="dumont-bench-", dir=options["dir"]) as scratch:
             self._run(Path(scratch), size, tuning, options)
-        # the figures mean little on a shared machine: say how busy it was
         self.stdout.write(f"load average after: {_load()}")
 
     def _run(self, root: Path, size: int, tuning: restic.Tuning, options: dict) -> None:
+        from django.test import override_settings
+
         key = root / "id_ed25519"
         public_key = generate_keypair(key)
         admin = Credentials("bench-admin-" + secrets.token_hex(4), secrets.token_hex(20))
         scope_secret = secrets.token_hex(20)
         server = start_s3_server(root / "s3", admin=admin, scope_secret=scope_secret)
+        fast_endpoint = getattr(server, "fast_endpoint", server.endpoint)
+        self.stdout.write(f"S3: restic through {server.endpoint} (rclone behind the machine-key gate, 1 ms dir "
+                          f"cache); fast path through {fast_endpoint} (rclone, admin key and presigned URLs only, "
+                          "default dir cache)")
         machines: list[_Machine] = []
-        rows: list[Row] = []
+        snapshot_rows: list[Measure] = []
+        restore_rounds: list[dict[str, Measure]] = []
+        stack = override_settings(
+            SNAPSHOT_S3_ENDPOINT=server.endpoint, SNAPSHOT_FAST_S3_ENDPOINT=fast_endpoint, SNAPSHOT_S3_BUCKET=BUCKET,
+            SNAPSHOT_S3_REGION="auto", SNAPSHOT_S3_ACCESS_KEY_ID=admin.access_key_id,
+            SNAPSHOT_S3_SECRET_ACCESS_KEY=admin.secret_access_key, SNAPSHOT_COMMAND_TIMEOUT_SECONDS=3600)
+        stack.enable()
         try:
-            import boto3
+            from snapshots import fastpath, fastpath_services, storage
 
-            boto3.client("s3", endpoint_url=server.endpoint, region_name="auto", aws_access_key_id=admin.access_key_id,
-                         aws_secret_access_key=admin.secret_access_key).create_bucket(Bucket=BUCKET)
+            storage.bucket_ensure()
             prefix = f"users/1/{secrets.token_hex(4)}"
             repository = restic.Repository(
                 f"s3:{server.endpoint}/{BUCKET}/{prefix}", secrets.token_urlsafe(32),
                 scoped_credentials(f"{BUCKET}/{prefix}", scope_secret, holder="bench", expires_at=time.time() + 86400),
                 "auto",
             )
-            # the control plane creates it (machine keys cannot write a repository's config or keys)
             restic.init(restic.LocalRunner(options["restic"], cache_dir=root / "cp-cache"),
                         dataclasses.replace(repository, credentials=admin), tuning)
 
             source = _Machine(root, "source", public_key)
-            machines.append(source)
+            target = _Machine(root, "target", public_key)
+            machines += [source, target]
             started = time.monotonic()
             shape = generate_workspace(source.workspace, size)
             total = tree_bytes(source.workspace)
             self.stdout.write(f"generated {total / 1e9:.2f} GB ({shape['small_files']} small files) in "
                               f"{time.monotonic() - started:.0f}s")
+            manifests: list[tuple[int, str]] = []
+
+            def fast_take(session) -> fastpath_services.FastTaken:
+                manifest_id = len(manifests) + 1
+                reusable = frozenset(k for k in storage.fast_objects(prefix))
+                taken = fastpath_services.take_run(session, fastpath_services.FastTake(
+                    manifest_id, prefix, reusable, tuple(reversed(manifests))))
+                manifests.append((manifest_id, taken.manifest_sha256))
+                return taken
+
+            def restic_backup(session, parent: str = ""):
+                return restic.backup(restic.RemoteRunner(session), repository, tuning, host="bench",
+                                     tags=["reason=hibernate"], parent_id=parent)
 
             with connect(source.target, key) as session:
                 restic.restic_ensure(session, local_binary=options["restic"])
-                run = restic.RemoteRunner(session)
-                first = restic.backup(run, repository, tuning, host="bench", tags=["reason=manual"])
-                rows.append(Row("restic backup, first", first.duration, total))
-                changed = change_one_percent(source.workspace, size)
-                second = restic.backup(run, repository, tuning, host="bench", tags=["reason=periodic"],
-                                       parent_id=first.snapshot_id)
-                rows.append(Row("restic backup, after a 1% change", second.duration, changed,
-                                f"{second.files_changed + second.files_new} files re-read"))
+                fastpath.program_ensure(session)
+                _drop_caches()
+                cpu = _Cpu()
+                first = restic_backup(session)
+                snapshot_rows.append(Measure("restic backup, fresh", first.duration, total, cpu.seconds()))
+                _drop_caches()
+                cpu, started = _Cpu(), time.monotonic()
+                taken = fast_take(session)
+                snapshot_rows.append(Measure("fast path snapshot, fresh", time.monotonic() - started, total,
+                                             cpu.seconds(), f"{taken.uploaded_bytes / 1e9:.2f} GB uploaded"))
+
+                changed = change_one_percent(source.workspace, size, seed=7)
+                _drop_caches()
+                cpu = _Cpu()
+                second = restic_backup(session, first.snapshot_id)
+                restic_incremental = second.duration
+                snapshot_rows.append(Measure("restic backup, 1% changed", second.duration, changed, cpu.seconds(),
+                                             f"{second.files_changed + second.files_new} files re-read"))
+                _drop_caches()
+                cpu, started = _Cpu(), time.monotonic()
+                taken = fast_take(session)
+                snapshot_rows.append(Measure("fast path snapshot, 1% changed", time.monotonic() - started, changed,
+                                             cpu.seconds(), f"{taken.stats['objects_uploaded']} objects, "
+                                             f"{taken.uploaded_bytes / 1e6:.0f} MB uploaded"))
+
+                # a hibernation: both at once, as snapshots.services.snapshot_run does
+                changed = change_one_percent(source.workspace, size, seed=8)
+                _drop_caches()
+                cpu, started = _Cpu(), time.monotonic()
+                running = fastpath_services.FastTakeRunning(0, *_start(fast_take, session))
+                third = restic_backup(session, second.snapshot_id)
+                taken = running.future.result()
+                running.executor.shutdown()
+                both = time.monotonic() - started
+                snapshot_rows.append(Measure("hibernation: restic + fast path at once, 1% changed", both, changed,
+                                             cpu.seconds(), f"restic {third.duration:.2f}s; goal <= restic "
+                                             f"incremental + 2 s = {restic_incremental + 2:.2f}s"))
+                if taken.error:
+                    raise RuntimeError(f"fast path snapshot failed: {taken.error}")
             total = tree_bytes(source.workspace)
-
-            # what the control plane adds before a hibernation's destroy: its own listing, and a read-back
-            control_plane = restic.LocalRunner(options["restic"], cache_dir=root / "cp-cache")
-            started = time.monotonic()
-            restic.snapshot_info(control_plane, repository, tuning, second.snapshot_id)
-            rows.append(Row("control plane: restic snapshots <id>", time.monotonic() - started, 0, "the listing check"))
-            for subset in options["read_subsets"]:
-                seconds = restic.check_read_data(control_plane, repository, tuning, subset=subset)
-                rows.append(Row(f"control plane: restic check --read-data-subset={subset}", seconds,
-                                total if subset == "100%" else 0, "read back and hashed"))
-
-            target = _Machine(root, "target", public_key)
-            machines.append(target)
-            with connect(target.target, key) as session:
-                restic.restic_ensure(session, local_binary=options["restic"])
-                variants = [("", tuning, {})]
-                variants += [(f"connections={n}", dataclasses.replace(tuning, connections=n), {})
-                             for n in options["restore_connections"]]
-                variants += [(f"GOMAXPROCS={n}", tuning, {"GOMAXPROCS": str(n)}) for n in options["gomaxprocs"]]
-                for label, variant, env in variants:
-                    shutil.rmtree(target.workspace)
-                    target.workspace.mkdir()
-                    subprocess.run(["sync"], check=True)
-                    result = restic.restore(_with_env(restic.RemoteRunner(session), env), repository, variant,
-                                            snapshot_id=second.snapshot_id)
-                    rows.append(Row(f"restic restore to an empty dir {label}".strip(), result.duration, total))
-                    if tree_bytes(target.workspace) != total:
-                        raise RuntimeError("the restored tree differs in size from the source")
+            newest_id, newest_sha = manifests[-1]
+            manifest = fastpath_services.manifest_read(prefix, newest_id, newest_sha)
+            row = fastpath_services.FastPathManifest(pk=newest_id, manifest_sha256=newest_sha)
+            urls = [storage.fast_presign("get_object", fastpath.object_name(prefix, k), 3600)
+                    for k in manifest["objects"]]
+            stored = sum(record["stored_size"] for record in manifest["objects"].values())
 
             copy_dir = root / "cp-a"
-            rows.append(Row("cp -a (reference)", _timed("cp -a {} {}", source.workspace, copy_dir), total))
-            shutil.rmtree(copy_dir)
-            archive = root / "workspace.tar.zst"
-            seconds = _timed("tar -C {} -cf - . | zstd -q -T0 -1 -o {}", source.workspace, archive)
-            rows.append(Row("tar | zstd -T0 -1, create", seconds, total,
-                            f"archive {archive.stat().st_size / 1e9:.2f} GB"))
-            extract_dir = root / "untar"
-            extract_dir.mkdir()
-            rows.append(Row("zstd -d -T0 | tar -x (reference)",
-                            _timed("zstd -q -dc -T0 {} | tar -C {} -xf -", archive, extract_dir), total))
+            with connect(target.target, key) as session:
+                restic.restic_ensure(session, local_binary=options["restic"])
+                fastpath.program_ensure(session)
+                for round_number in range(options["rounds"]):
+                    measures: dict[str, Measure] = {}
+                    dropped = _drop_caches()
+                    cpu, started = _Cpu(), time.monotonic()
+                    subprocess.run(["cp", "-a", str(source.workspace), str(copy_dir)], check=True)
+                    measures["cp"] = Measure("cp -a", time.monotonic() - started, total, cpu.seconds())
+                    shutil.rmtree(copy_dir)
+
+                    _drop_caches()
+                    cpu, started = _Cpu(), time.monotonic()
+                    got = _get_ceiling(urls, options["threads"])
+                    measures["get"] = Measure(f"S3 GET ceiling ({options['threads']} connections, to /dev/null)",
+                                              time.monotonic() - started, total, cpu.seconds(),
+                                              f"{got / 1e9:.2f} GB stored bytes served")
+
+                    _empty(target.workspace)
+                    _drop_caches()
+                    cpu, started = _Cpu(), time.monotonic()
+                    figures = fastpath_services.restore(session, row, prefix)
+                    measures["fast"] = Measure("fast path restore", time.monotonic() - started, total, cpu.seconds(),
+                                               f"machine side {figures.get('seconds', 0):.2f}s")
+                    if tree_bytes(target.workspace) != total:
+                        raise RuntimeError("the fast path restored a tree of another size")
+
+                    if not options["skip_restic_restore"]:
+                        _empty(target.workspace)
+                        _drop_caches()
+                        cpu = _Cpu()
+                        result = restic.restore(restic.RemoteRunner(session), repository, tuning,
+                                                snapshot_id=third.snapshot_id)
+                        measures["restic"] = Measure("restic restore", result.duration, total, cpu.seconds())
+                        if tree_bytes(target.workspace) != total:
+                            raise RuntimeError("restic restored a tree of another size")
+                    restore_rounds.append(measures)
+                    self.stdout.write(f"round {round_number + 1}: " + ", ".join(
+                        f"{m.what.split(' (')[0]} {m.seconds:.2f}s" for m in measures.values())
+                        + ("" if dropped else " (page cache NOT dropped: not root?)"))
         finally:
+            stack.disable()
             for machine in machines:
                 machine.stop()
             server.stop()
-        self._print(rows)
+        self._print(snapshot_rows, restore_rounds, total, stored)
 
-    def _print(self, rows: list[Row]) -> None:
-        cp = next(row for row in rows if row.what.startswith("cp -a"))
-        self.stdout.write(f"\n{'measure':<44} {'seconds':>8} {'MB/s':>8} {'x cp -a':>8}  note")
-        for row in rows:
-            ratio = row.mb_per_second / cp.mb_per_second if cp.mb_per_second else 0
-            self.stdout.write(f"{row.what:<44} {row.seconds:>8.2f} {row.mb_per_second:>8.0f} {ratio:>8.2f}  {row.note}")
-        restores = [row for row in rows if row.what.startswith("restic restore")]
-        best = max(restores, key=lambda row: row.mb_per_second)
-        self.stdout.write(f"\nrestore / cp -a = {best.mb_per_second / cp.mb_per_second:.2f} (best: {best.what}); "
-                          "goal >= 0.90")
+    def _print(self, snapshot_rows: list[Measure], rounds: list[dict[str, Measure]], total: int, stored: int) -> None:
+        write = self.stdout.write
+        write(f"\nSnapshot side ({total / 1e9:.2f} GB workspace; fast path objects stored: {stored / 1e9:.2f} GB)")
+        write(f"{'measure':<54} {'seconds':>8} {'MB/s':>8} {'CPU s/GB':>9}  note")
+        for row in snapshot_rows:
+            write(f"{row.what:<54} {row.seconds:>8.2f} {row.mb_per_second:>8.0f} {row.cpu_per_gb:>9.2f}  {row.note}")
+        write(f"\nRestore side, {len(rounds)} alternating rounds (median; MB/s of the workspace's bytes)")
+        write(f"{'measure':<54} {'seconds':>8} {'MB/s':>8} {'CPU s/GB':>9} {'x cp -a':>8} {'x GET':>7}")
+        median = {name: _median_measure([r[name] for r in rounds if name in r]) for name in rounds[0]}
+        for m in median.values():
+            write(f"{m.what:<54} {m.seconds:>8.2f} {m.mb_per_second:>8.0f} {m.cpu_per_gb:>9.2f} "
+                  f"{m.mb_per_second / median['cp'].mb_per_second:>8.2f} "
+                  f"{m.mb_per_second / median['get'].mb_per_second:>7.2f}")
+        ratios = [r["fast"].mb_per_second / min(r["cp"].mb_per_second, r["get"].mb_per_second) for r in rounds]
+        write("\nfast path restore / min(cp -a, GET ceiling), per round: "
+              + ", ".join(f"{x:.2f}" for x in ratios) + f"; median {sorted(ratios)[len(ratios) // 2]:.2f} (goal >= 0.90)")
+        if "restic" in median:
+            write(f"fast path / restic restore: {median['fast'].mb_per_second / median['restic'].mb_per_second:.1f}x")
+
+
+def _median_measure(measures: list[Measure]) -> Measure:
+    ordered = sorted(measures, key=lambda m: m.seconds)
+    return ordered[len(ordered) // 2]
+
+
+def _empty(workspace: Path) -> None:
+    shutil.rmtree(workspace)
+    workspace.mkdir()
+
+
+def _start(function, *args):
+    from concurrent.futures import ThreadPoolExecutor
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    return executor, executor.submit(function, *args)
 
 
 def _load() -> str:

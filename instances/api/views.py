@@ -25,6 +25,7 @@ from snapshots import selectors as snapshot_selectors
 from snapshots.api import views as snapshot_views
 from snapshots.api.serializers import (
     SnapshotCreateSerializer,
+    SnapshotOptionsSerializer,
     SnapshotRestoreRequestSerializer,
     SnapshotRestoreSerializer,
     SnapshotSerializer,
@@ -100,12 +101,14 @@ class InstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         instance = services.instance_failback_request(instance=self.get_object())
         return Response(InstanceSerializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: SnapshotSerializer})
+    @extend_schema(request=SnapshotOptionsSerializer, responses={202: SnapshotSerializer})
     @action(detail=True, methods=["post"])
     def snapshots(self, request, pk=None):
         """Snapshot this running instance now; follow it in /snapshots/{id} (status, progress) or in its events."""
+        body = SnapshotOptionsSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
         instance = selectors.instance_of(user=request.user, instance_id=int(pk))
-        snapshot = services.instance_snapshot_request(instance=instance)
+        snapshot = services.instance_snapshot_request(instance=instance, fast=body.validated_data["fast"])
         return Response(SnapshotSerializer(snapshot).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=InstanceRestoreSerializer, responses={202: SnapshotRestoreSerializer})
@@ -152,7 +155,7 @@ class SnapshotViewSet(snapshot_views.SnapshotViewSet):
         body = SnapshotCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         instance = selectors.instance_of(user=request.user, instance_id=body.validated_data["instance"])
-        snapshot = services.instance_snapshot_request(instance=instance)
+        snapshot = services.instance_snapshot_request(instance=instance, fast=body.validated_data["fast"])
         return Response(SnapshotSerializer(snapshot).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=SnapshotRestoreRequestSerializer, responses={202: SnapshotRestoreSerializer})

@@ -94,6 +94,10 @@ def _hibernate_and_wake(stack, api):
     assert manifest(workspace_of(stack, instance)) == expected
     wake = InstanceEvent.objects.filter(instance=instance, kind="wake", data__has_key="timings").get()
     assert set(wake.data["timings"]) == {"race", "restore", "agent", "total"}
+    # the hibernation stored a fast path beside restic's snapshot, and the wake restored from it
+    assert snapshot.fastpath.status == "verified", snapshot.fastpath.error
+    assert wake.data["restore_method"] == "fastpath" and wake.data["restore_bytes"] > 2 << 20
+    assert wake.data["restore_mb_per_second"] > 0 and "MB/s" in wake.message
     assert len(stack.machines(f"{instance.label}-")) == 1
     wait_until(lambda: agent_selectors.last_heartbeat_at(instance.pk) > instance.status_changed_at, timeout=60,
                what="the new agent's heartbeats")
