@@ -87,7 +87,7 @@ def test_a_hibernation_stores_a_verified_fast_path_and_a_restore_writes_the_same
     assert incremental.stats["objects_uploaded"] == 1
     assert incremental.stats["objects_reused"] == len(incremental.object_keys) - 1
     assert incremental.stats["bytes_hashed"] < 1 << 20  # the unchanged files were not read again
-    assert incremental.uploaded_bytes < 1 << 20
+    assert incremental.uploaded_bytes < fast.uploaded_bytes / 10  # one small-file group, not the big chunks
 
 
 def test_a_damaged_object_makes_the_restore_fall_back_to_restic_and_say_so(machines, s3):
