@@ -35,7 +35,7 @@ QUEUE_TASKS = {
     ],
     "snapshots": [
         "snapshots.tasks.take_snapshot", "snapshots.tasks.restore_snapshot", "snapshots.tasks.apply_retention",
-        "instances.tasks.hibernate_instance", "instances.tasks.record_agent_syncs",
+        "instances.tasks.hibernate_instance", "instances.tasks.record_agent_syncs", "instances.tasks.presync_fastpath",
         "instances.tasks.provision_standby", "instances.tasks.sync_standby", "instances.tasks.failover_instance",
     ],
 }

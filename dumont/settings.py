@@ -253,6 +253,9 @@ SNAPSHOT_VERIFY_READ_SUBSET = env.str("SNAPSHOT_VERIFY_READ_SUBSET", default="64
 SNAPSHOT_FASTPATH = env.bool("SNAPSHOT_FASTPATH", default=True)
 # how old an object no manifest names must be before the garbage collector deletes it
 SNAPSHOT_FASTPATH_GC_GRACE_SECONDS = env.int("SNAPSHOT_FASTPATH_GC_GRACE_SECONDS", default=3600)
+# after a recorded periodic sync, a running instance's fast path is brought up to date (a presync) when its
+# newest one is older than this, so the hibernation's fast path uploads only what changed since (0: never)
+SNAPSHOT_FASTPATH_PRESYNC_SECONDS = env.int("SNAPSHOT_FASTPATH_PRESYNC_SECONDS", default=600)
 
 # The agent's periodic incremental backup (its sync service), and how often the control plane records
 # (and verifies) the syncs agents report as periodic snapshots.

@@ -164,3 +164,16 @@ def standby_spend(instances, *, since: datetime, until: datetime) -> Decimal:
         if end > start:
             total += standby.price_per_hour * Decimal(str((end - start).total_seconds())) / Decimal(3600)
     return total
+
+
+def instances_to_presync(snapshot_ids: list[int]) -> list[int]:
+    """The instances whose periodic sync just got recorded (these snapshot rows, verified) and whose fast path
+    is older than SNAPSHOT_FASTPATH_PRESYNC_SECONDS: a presync now keeps their hibernation short."""
+    from snapshots import selectors as snapshot_selectors
+    from snapshots.models import Snapshot
+
+    if not (settings.SNAPSHOT_FASTPATH and settings.SNAPSHOT_FASTPATH_PRESYNC_SECONDS > 0 and snapshot_ids):
+        return []
+    synced = set(Snapshot.objects.filter(pk__in=snapshot_ids, status=Snapshot.Status.VERIFIED)
+                 .values_list("instance_id", flat=True))
+    return snapshot_selectors.fastpath_presync_due(synced, older_than_seconds=settings.SNAPSHOT_FASTPATH_PRESYNC_SECONDS)

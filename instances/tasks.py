@@ -8,7 +8,7 @@ its recovery or failback) returns its outcome and the task here enqueues what fo
 from celery import shared_task
 from django.conf import settings
 
-from instances import agent_setup, hibernation, lifecycle, lost, race, standby
+from instances import agent_setup, hibernation, lifecycle, lost, race, selectors, standby
 from instances import reconcile as reconcile_module
 from instances.locks import Busy
 from instances.models import Instance, StandbyConfig, UnreachableMachine
@@ -82,7 +82,15 @@ def hibernation_sweep() -> dict:
 
 @shared_task(soft_time_limit=120, time_limit=150)
 def record_agent_syncs() -> list[int]:
-    return agent_setup.agent_syncs_record()
+    recorded = agent_setup.agent_syncs_record()
+    for instance_id in selectors.instances_to_presync(recorded):
+        presync_fastpath.apply_async((instance_id,), expires=settings.AGENT_SYNC_RECORD_SECONDS * 5)
+    return recorded
+
+
+@shared_task(soft_time_limit=SNAPSHOT_TIME_LIMIT, time_limit=SNAPSHOT_TIME_LIMIT + 60)
+def presync_fastpath(instance_id: int) -> str:
+    return hibernation.fastpath_presync_run(instance_id)
 
 
 @shared_task(soft_time_limit=300, time_limit=360)

@@ -28,6 +28,7 @@ SNAPSHOT_FASTPATH_GC_GRACE_SECONDS, are deleted with the manifests of deleted ro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,6 +41,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from dumont.core.locks import advisory_lock
 from machines.ssh import SSHError, SSHSession
 from snapshots import fastpath, storage
 from snapshots.models import FastPathManifest, Snapshot, SnapshotRepository
@@ -98,20 +100,24 @@ def fast_request(snapshot: Snapshot) -> FastPathManifest:
         "owner_id": snapshot.owner_id, "instance_id": snapshot.instance_id})[0]
 
 
-def take_prepare(snapshot: Snapshot, repository: SnapshotRepository) -> FastTake:
-    """The intent row (pending; a re-run of the same snapshot starts it over) and the keys it may reuse."""
+def take_prepare(*, owner_id: int, instance_id: int, prefix: str, snapshot: Snapshot | None = None) -> FastTake:
+    """The intent row (pending; a re-run of the same snapshot starts it over; no snapshot: a presync) and the
+    keys it may reuse: those this instance's verified manifests name."""
     with transaction.atomic():
-        row, _ = FastPathManifest.objects.select_for_update().get_or_create(
-            snapshot=snapshot, defaults={"owner_id": snapshot.owner_id, "instance_id": snapshot.instance_id})
-        FastPathManifest.objects.filter(pk=row.pk).update(status=FastPathManifest.Status.PENDING, error="",
-                                                           manifest_sha256="", verified_at=None)
+        if snapshot is None:
+            row = FastPathManifest.objects.create(owner_id=owner_id, instance_id=instance_id)
+        else:
+            row, _ = FastPathManifest.objects.select_for_update().get_or_create(
+                snapshot=snapshot, defaults={"owner_id": owner_id, "instance_id": instance_id})
+            FastPathManifest.objects.filter(pk=row.pk).update(status=FastPathManifest.Status.PENDING, error="",
+                                                               manifest_sha256="", verified_at=None)
         reusable, previous = set(), []
         for manifest_id, sha256, keys in (
-                FastPathManifest.objects.filter(instance_id=snapshot.instance_id, status=FastPathManifest.Status.VERIFIED)
+                FastPathManifest.objects.filter(instance_id=instance_id, status=FastPathManifest.Status.VERIFIED)
                 .exclude(pk=row.pk).order_by("-pk").values_list("pk", "manifest_sha256", "object_keys")):
             reusable.update(keys)
             previous.append((manifest_id, sha256))
-    return FastTake(row.pk, repository.prefix, frozenset(reusable), tuple(previous))
+    return FastTake(row.pk, prefix, frozenset(reusable), tuple(previous))
 
 
 @dataclasses.dataclass
@@ -119,16 +125,34 @@ class FastTakeRunning:
     manifest_id: int
     executor: ThreadPoolExecutor
     future: Future
+    lock: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
 
 
-def take_start(session: SSHSession, take: FastTake) -> FastTakeRunning:
-    """Start the take in a thread (it shares the SSH connection, on its own channels); `take_finish` joins it."""
-    storage.fast_client()  # made here, once: boto3 does not create clients safely from two threads at once
+# One fast path written per instance at a time (a presync, a snapshot's): the machine's program keeps one scan
+# in its state directory. A session-level advisory lock, held by the task's own connection.
+TAKE_LOCK = "snapshots-fastpath-take"
+TAKE_LOCK_WAIT_SECONDS = 60.0
+
+
+def take_start(session: SSHSession, *, snapshot: Snapshot, prefix: str) -> FastTakeRunning:
+    """Start a snapshot's fast path in a thread (it shares the SSH connection, on its own channels);
+    `take_finish` joins it. A presync still running after TAKE_LOCK_WAIT_SECONDS: this one fails at once."""
+    lock = contextlib.ExitStack()
+    acquired = lock.enter_context(advisory_lock(TAKE_LOCK, snapshot.instance_id,
+                                                wait_seconds=TAKE_LOCK_WAIT_SECONDS))
+    take = take_prepare(owner_id=snapshot.owner_id, instance_id=snapshot.instance_id, prefix=prefix,
+                        snapshot=snapshot)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastpath")
-    return FastTakeRunning(take.manifest_id, executor, executor.submit(_take_guarded, session, take))
+    if not acquired:
+        lock.close()
+        busy = Future()
+        busy.set_result(FastTaken(error="another fast path of this instance (a presync) is still being written"))
+        return FastTakeRunning(take.manifest_id, executor, busy)
+    storage.fast_client()  # made here, once: boto3 does not create clients safely from two threads at once
+    return FastTakeRunning(take.manifest_id, executor, executor.submit(take_guarded, session, take), lock)
 
 
-def _take_guarded(session: SSHSession, take: FastTake) -> FastTaken:
+def take_guarded(session: SSHSession, take: FastTake) -> FastTaken:
     try:
         return take_run(session, take)
     except (fastpath.FastPathError, storage.StorageError, SSHError) as exc:
@@ -196,9 +220,14 @@ def take_finish(running: FastTakeRunning, *, snapshot_verified: bool, snapshot_e
         taken = running.future.result()
     finally:
         running.executor.shutdown(wait=True)
+        running.lock.close()
     if not taken.error and not snapshot_verified:
         taken.error = f"its restic snapshot failed: {snapshot_error}"[:500]
-    rows = FastPathManifest.objects.filter(pk=running.manifest_id, status=FastPathManifest.Status.PENDING)
+    return take_record(running.manifest_id, taken)
+
+
+def take_record(manifest_id: int, taken: FastTaken) -> FastPathManifest:
+    rows = FastPathManifest.objects.filter(pk=manifest_id, status=FastPathManifest.Status.PENDING)
     if taken.error:
         rows.update(status=FastPathManifest.Status.FAILED, error=taken.error, stats=taken.stats)
     else:
@@ -207,13 +236,14 @@ def take_finish(running: FastTakeRunning, *, snapshot_verified: bool, snapshot_e
                     stored_bytes=taken.stored_bytes, uploaded_bytes=taken.uploaded_bytes,
                     file_count=taken.file_count, duration_seconds=taken.stats.get("total_seconds"),
                     stats=taken.stats, verified_at=timezone.now(), error="")
-    return FastPathManifest.objects.get(pk=running.manifest_id)
+    return FastPathManifest.objects.get(pk=manifest_id)
 
 
 def take_abandon(running: FastTakeRunning, reason: str) -> None:
     """The snapshot stopped (a time limit, a worker shutting down): the thread's SSH channels die with the
     connection; the row is failed, not left pending."""
     running.executor.shutdown(wait=False, cancel_futures=True)
+    running.lock.close()
     FastPathManifest.objects.filter(pk=running.manifest_id, status=FastPathManifest.Status.PENDING).update(
         status=FastPathManifest.Status.FAILED, error=reason[:500])
 
@@ -271,20 +301,29 @@ def fastpath_apply_retention(repository: SnapshotRepository) -> dict:
         owner_id=owner_id, status=FastPathManifest.Status.PENDING,
         created_at__lt=now - timezone.timedelta(seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 60))
     stale.update(status=FastPathManifest.Status.FAILED, error="interrupted: its snapshot never finished")
-    FastPathManifest.objects.filter(owner_id=owner_id, status__in=FastPathManifest.LIVE).exclude(
-        snapshot__status=Snapshot.Status.VERIFIED).exclude(status=FastPathManifest.Status.PENDING).update(
+    FastPathManifest.objects.filter(owner_id=owner_id, status=FastPathManifest.Status.VERIFIED,
+                                    snapshot__isnull=False).exclude(snapshot__status=Snapshot.Status.VERIFIED).update(
         status=FastPathManifest.Status.DELETED, deleted_at=now)
     verified = (FastPathManifest.objects.filter(owner_id=owner_id, status=FastPathManifest.Status.VERIFIED)
                 .order_by("instance_id", F("snapshot__captured_at").desc(nulls_last=True),
                           F("snapshot__finished_at").desc(nulls_last=True), "-pk")
-                .values_list("pk", "instance_id"))
-    newest: dict[int, int] = {}
-    older = []
-    for manifest_id, instance_id in verified:
-        if instance_id in newest:
+                .values_list("pk", "instance_id", "snapshot_id", "created_at"))
+    newest: dict[int, object] = {}  # instance -> when the fast path of its newest snapshot was taken
+    presyncs, older = [], []
+    for manifest_id, instance_id, snapshot_id, created_at in verified:
+        if snapshot_id is None:
+            presyncs.append((created_at, manifest_id, instance_id))
+        elif instance_id in newest:
             older.append(manifest_id)
         else:
-            newest[instance_id] = manifest_id
+            newest[instance_id] = created_at
+    # a presync counts until a newer one, or a newer snapshot's fast path, holds what it uploaded
+    kept = set()
+    for created_at, manifest_id, instance_id in sorted(presyncs, reverse=True):
+        if instance_id in kept or (instance_id in newest and created_at < newest[instance_id]):
+            older.append(manifest_id)
+        else:
+            kept.add(instance_id)
     FastPathManifest.objects.filter(pk__in=older).update(status=FastPathManifest.Status.DELETED, deleted_at=now)
     return fastpath_collect_garbage(repository)
 

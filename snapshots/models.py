@@ -206,7 +206,9 @@ class FastPathManifest(models.Model):
         FAILED = "failed"
         DELETED = "deleted"  # retention dropped it: its objects may go (unless another manifest names them)
 
-    snapshot = models.OneToOneField(Snapshot, on_delete=models.CASCADE, related_name="fastpath")
+    # null: a presync (after a periodic sync, while the machine runs): never restored from, only what the next
+    # hibernation's fast path reuses, so that it uploads only what changed since
+    snapshot = models.OneToOneField(Snapshot, on_delete=models.CASCADE, related_name="fastpath", null=True, blank=True)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="fastpath_manifests")
     instance = models.ForeignKey("instances.Instance", on_delete=models.CASCADE, related_name="fastpath_manifests")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
@@ -230,4 +232,5 @@ class FastPathManifest(models.Model):
         indexes = [models.Index(fields=["owner", "status"]), models.Index(fields=["instance", "status"])]
 
     def __str__(self) -> str:
-        return f"fast path of snapshot {self.snapshot_id} ({self.status})"
+        of = f"snapshot {self.snapshot_id}" if self.snapshot_id else f"instance {self.instance_id} (presync)"
+        return f"fast path of {of} ({self.status})"

@@ -6,7 +6,7 @@ import hashlib
 
 from dumont.core.errors import NotFound
 from machines.ssh import SSHTarget
-from snapshots.models import MachineKey, Snapshot, SnapshotRestore
+from snapshots.models import FastPathManifest, MachineKey, Snapshot, SnapshotRestore
 
 
 def snapshots_of(user):
@@ -44,3 +44,17 @@ def machine_key_ready(*, instance_id: int, target: SSHTarget) -> bool:
     name = machine_name(target)
     return bool(name) and MachineKey.objects.filter(instance_id=instance_id, machine=name, revoked_at__isnull=True
                                                     ).exclude(restic_key_id="").exists()
+
+
+def fastpath_presync_due(instance_ids, *, older_than_seconds: float) -> list[int]:
+    """Of these instances, those whose newest fast path (a snapshot's or a presync, whatever became of it) was
+    started more than `older_than_seconds` ago, or that have none: a presync after their periodic sync keeps the
+    next hibernation's upload small, and a failed one is not retried sooner."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
+    recent = set(FastPathManifest.objects.filter(instance_id__in=instance_ids, created_at__gte=cutoff)
+                 .values_list("instance_id", flat=True))
+    return sorted(set(instance_ids) - recent)

@@ -28,7 +28,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from dumont.core.errors import Conflict, NotFound
-from dumont.core.locks import lock_key
+from dumont.core.locks import advisory_lock, lock_key
 from machines.keys import control_plane_key_path
 from machines.ssh import PrivateKeyLike, SSHError, SSHTarget, connect
 from snapshots import fastpath, fastpath_services, restic, selectors, storage
@@ -324,8 +324,7 @@ def snapshot_run(*, snapshot_id: int, private_key: PrivateKeyLike | None = None,
                                      target=snapshot.ssh_target)
             installed = restic.restic_ensure(session, local_binary=restic_binary())
             if fast:  # beside restic's backup, at the same time, on the same connection
-                fast_running = fastpath_services.take_start(
-                    session, fastpath_services.take_prepare(snapshot, repository))
+                fast_running = fastpath_services.take_start(session, snapshot=snapshot, prefix=repository.prefix)
             result = restic.backup(
                 restic.RemoteRunner(session),
                 _machine_repository(repository, key, ttl_seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 300), tuning(),
@@ -391,6 +390,37 @@ def _fast_event(snapshot: Snapshot, manifest: FastPathManifest, on_event: EventC
         log.warning("snapshot %s: fast path failed: %s", snapshot.pk, manifest.error)
         on_event("snapshot", f"snapshot {snapshot.pk}: fast path failed ({manifest.error}); a wake from it restores "
                  "with restic", {"snapshot": snapshot.pk, "fastpath": manifest.pk, "fastpath_error": manifest.error})
+
+
+def fastpath_presync(*, owner, instance_id: int, target: SSHTarget,
+                     private_key: PrivateKeyLike | None = None) -> FastPathManifest | None:
+    """Bring the instance's fast path up to date from its running machine (after a periodic sync), without a
+    snapshot: objects and a presync manifest that is never restored from, only reused, so the hibernation's
+    fast path uploads only what changed since. None when there is nothing to do now (the fast path is off, a
+    snapshot or restore of the instance runs). Its failure costs nothing but a slower next hibernation."""
+    if not settings.SNAPSHOT_FASTPATH:
+        return None
+    if (Snapshot.objects.filter(instance_id=instance_id, status__in=Snapshot.ACTIVE).exists()
+            or SnapshotRestore.objects.filter(instance_id=instance_id, status__in=SnapshotRestore.ACTIVE).exists()):
+        return None
+    repository = repository_ensure(owner=owner)
+    with advisory_lock(fastpath_services.TAKE_LOCK, instance_id) as acquired:
+        if not acquired:
+            return None  # a snapshot's fast path is being written: this presync is not needed
+        take = fastpath_services.take_prepare(owner_id=owner.pk, instance_id=instance_id, prefix=repository.prefix)
+        try:
+            with connect(target, private_key or control_plane_key_path()) as session:
+                taken = fastpath_services.take_guarded(session, take)
+        except SSHError as exc:
+            taken = fastpath_services.FastTaken(error=_failure_reason(exc))
+        except BaseException as exc:
+            fastpath_services.take_record(take.manifest_id, fastpath_services.FastTaken(
+                error=f"interrupted: {type(exc).__name__}"))
+            raise
+        manifest = fastpath_services.take_record(take.manifest_id, taken)
+    if manifest.error:
+        log.warning("fast path presync of instance %s failed: %s", instance_id, manifest.error)
+    return manifest
 
 
 def snapshot_take(*, owner, instance_id: int, target: SSHTarget, reason: str = Snapshot.Reason.MANUAL,
@@ -660,7 +690,8 @@ def _apply_retention(owner) -> RetentionResult:
     _fail_stale(owner)
     # forget/prune take restic's exclusive lock, which a running backup or restore holds: next round
     busy = (Snapshot.objects.filter(owner=owner, status__in=Snapshot.ACTIVE).exists()
-            or SnapshotRestore.objects.filter(owner=owner, status__in=SnapshotRestore.ACTIVE).exists())
+            or SnapshotRestore.objects.filter(owner=owner, status__in=SnapshotRestore.ACTIVE).exists()
+            or FastPathManifest.objects.filter(owner=owner, status=FastPathManifest.Status.PENDING).exists())
     if busy:
         return RetentionResult([], [], skipped="a backup or restore of this user is running")
 

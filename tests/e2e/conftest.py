@@ -69,6 +69,9 @@ def stack_base(request, django_db_setup, tmp_path_factory):
             "DUMONT_SSH_KEY_PATH": tmp / "ssh" / "id_ed25519",
             # agents post nowhere unless the module runs the web server
             "AGENT_CONTROL_PLANE_URL": "http://127.0.0.1:9",
+            # no fast-path presync after periodic syncs unless the module tests it (test_hibernation): one on a
+            # machine a fault freezes would hold a worker slot until its command timeout
+            "SNAPSHOT_FASTPATH_PRESYNC_SECONDS": 0,
         }
         web_port = free_port() if "web" in services else None
         if web_port:

@@ -12,9 +12,10 @@ from django.test import override_settings
 from agent import selectors as agent_selectors
 from agent.models import AgentCredential
 from instances.models import Instance, InstanceEvent
-from instances.tasks import reconcile
+from instances.selectors import instances_to_presync
+from instances.tasks import presync_fastpath, reconcile
 from snapshots import storage
-from snapshots.models import MachineKey, Snapshot, SnapshotRepository
+from snapshots.models import FastPathManifest, MachineKey, Snapshot, SnapshotRepository
 from tests.e2e.conftest import CATALOGUES
 from tests.e2e.test_race import wait_for_status
 from tests.harness import celery_beat, celery_worker, wait_until
@@ -33,6 +34,7 @@ STACK_SETTINGS = {
     "AGENT_FLUSH_INTERVAL_SECONDS": 1,
     "RECONCILE_STALE_SECONDS": 0,
     "HIBERNATE_AGENT_READY_SECONDS": 30.0,
+    "SNAPSHOT_FASTPATH_PRESYNC_SECONDS": 600,
 }
 
 
@@ -176,6 +178,13 @@ def test_the_agent_syncs_the_workspace_and_its_snapshots_are_recorded_verified(s
             snapshots = wait_until(agent_syncs_record, timeout=90, what="an agent sync to be recorded")
         periodic = Snapshot.objects.get(pk=snapshots[0])
         assert periodic.reason == "periodic" and periodic.status == "verified" and periodic.verified_at
+        # after its first recorded sync, the instance's fast path is brought up to date (a presync)
+        assert instances_to_presync(snapshots) == [instance.pk]
+        presync_fastpath.delay(instance.pk)
+        presync = wait_until(lambda: FastPathManifest.objects.filter(instance=instance, snapshot=None).exclude(
+            status="pending").first(), timeout=90, what="the fast-path presync")
+        assert presync.status == "verified", presync.error
+        assert presync.file_count >= 1 and presync.uploaded_bytes > 0
         # the agent synced with its machine's own restic key (storage keys that cannot delete)
         machine_key = MachineKey.objects.get(instance=instance)
         assert machine_key.restic_key_id and machine_key.revoked_at is None

@@ -181,3 +181,43 @@ def test_retention_keeps_the_newest_fast_path_of_each_instance_and_deletes_what_
     restore = services.snapshot_restore(owner=owner, instance_id=instance.pk, target=target.target)
     assert restore.method == "fastpath", restore.stats
     assert manifest(target.workspace) == manifest(machine.workspace)
+
+
+def test_a_presync_after_a_periodic_sync_leaves_the_hibernation_only_what_changed_since(machines, settings):
+    owner = make_user()
+    instance = make_instance(owner, status="running")
+    machine, target = machines.start(), machines.start()
+    _workspace(machine.workspace)
+
+    presync = services.fastpath_presync(owner=owner, instance_id=instance.pk, target=machine.target)
+
+    assert presync.status == FastPathManifest.Status.VERIFIED, presync.error
+    assert presync.snapshot_id is None and presync.uploaded_bytes > 40 << 20
+    (machine.workspace / "src" / "pkg" / "module_3.py").write_text("def f3():\n    return 'changed'\n")
+    hibernation = _hibernation(owner, instance, machine)
+    fast = FastPathManifest.objects.get(snapshot=hibernation)
+    assert fast.status == FastPathManifest.Status.VERIFIED, fast.error
+    assert fast.stats["objects_uploaded"] == 1 and fast.uploaded_bytes < presync.uploaded_bytes / 10
+
+    # the presync was never a restore source, and it has served its purpose once the hibernation's exists
+    settings.SNAPSHOT_FASTPATH_GC_GRACE_SECONDS = 0
+    services.snapshots_apply_retention(owner=owner)
+    presync.refresh_from_db()
+    assert presync.status == FastPathManifest.Status.DELETED
+    restore = services.snapshot_restore(owner=owner, instance_id=instance.pk, target=target.target)
+    assert restore.method == "fastpath", restore.stats
+    assert manifest(target.workspace) == manifest(machine.workspace)
+
+
+def test_no_presync_while_a_snapshot_of_the_instance_runs_or_with_the_fast_path_off(machines, settings):
+    owner = make_user()
+    instance = make_instance(owner, status="running")
+    machine = machines.start()
+    make_workspace(machine.workspace)
+    running = services.snapshot_create(owner=owner, instance_id=instance.pk, target=machine.target)
+
+    assert services.fastpath_presync(owner=owner, instance_id=instance.pk, target=machine.target) is None
+    Snapshot.objects.filter(pk=running.pk).update(status=Snapshot.Status.FAILED)
+    settings.SNAPSHOT_FASTPATH = False
+    assert services.fastpath_presync(owner=owner, instance_id=instance.pk, target=machine.target) is None
+    assert not FastPathManifest.objects.filter(instance=instance).exists()
