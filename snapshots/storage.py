@@ -8,6 +8,7 @@ machine gets, which open that user's prefix and nothing else (`machine_credentia
 from __future__ import annotations
 
 import json
+import logging
 import time
 from functools import cache
 
@@ -21,6 +22,7 @@ from dumont.core.errors import ServiceUnavailable
 from dumont.s3server import Credentials, scope_secret_for, scoped_credentials
 
 _DELETE_BATCH = 1000  # the S3 DeleteObjects maximum
+log = logging.getLogger(__name__)
 
 
 class StorageError(ServiceUnavailable):
@@ -95,7 +97,17 @@ def _storage_call(what: str, call, *args, **kwargs):
 
 
 def bucket_ensure() -> None:
-    s3 = client()
+    """The bucket exists, also as the fast-path endpoint sees it when it is another server (development: its
+    own directory cache learns of the bucket only through its own CreateBucket)."""
+    _bucket_ensure(client())
+    if fast_endpoint() != settings.SNAPSHOT_S3_ENDPOINT:
+        try:
+            _bucket_ensure(fast_client())
+        except StorageError as exc:  # restic's snapshots do not need it; the fast path then fails and says so
+            log.warning("the fast-path endpoint: %s", exc)
+
+
+def _bucket_ensure(s3) -> None:
     try:
         s3.head_bucket(Bucket=settings.SNAPSHOT_S3_BUCKET)
         return
