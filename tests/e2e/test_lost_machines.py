@@ -163,7 +163,7 @@ def test_late_heartbeats_and_a_silent_agent_on_a_live_machine_are_not_a_lost_mac
     # silent past the threshold, but the machine answers: not lost, the agent is restarted
     os.killpg(group, signal.SIGSTOP)
     try:
-        alive = wait_until(lambda: instance.events.filter(kind="lost", data__alive=True).first(), timeout=60,
+        alive = wait_until(lambda: instance.events.filter(kind="lost", data__alive=True).first(), timeout=150,
                            what="the check to find the machine alive")
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -242,7 +242,7 @@ def test_the_standby_mirrors_takes_over_on_a_crash_and_fails_back_to_a_new_gpu(s
     wait_until(lambda: machine_ids(stack, instance) == set(), timeout=60, what="the standby to be destroyed")
     # the row follows the provider's destroy (the same task, a moment later)
     wait_until(lambda: not StandbyMachine.objects.filter(instance=instance, status__in=StandbyMachine.ACTIVE).exists(),
-               timeout=30, what="the standby row to leave its active statuses")
+               timeout=120, what="the standby row to leave its active statuses")
     destroy(stack, api, instance)
 
 
