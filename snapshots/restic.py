@@ -454,11 +454,17 @@ def snapshot_listed(run: Runner, repository: Repository, tuning: Tuning, snapsho
 
 def check_read_data(run: Runner, repository: Repository, tuning: Tuning, *, subset: str) -> float:
     """`restic check --read-data-subset=<subset>`: the repository's structure, and a random sample of its
-    packs read back and hashed. Returns the seconds it took; raises ResticError on any damage."""
+    packs read back and hashed. Returns the seconds it took; raises ResticError on any damage.
+
+    `--no-lock`: a read-only verification must not wait on (or fail at) another process's lock: a backup whose
+    worker was killed leaves its restic running on the machine (or a stale lock that restic, on another
+    host, keeps honouring for 30 minutes), and that failed every resumed hibernation. Without a lock a
+    concurrent prune could make it report damage that is not there: a failed verification, retried, never
+    a destroy (and retention never prunes while a snapshot of the user runs)."""
     if not re.fullmatch(r"\d+(\.\d+)?%|\d+/\d+|\d+[kKmMgGtT]?", subset):
         raise ValueError(f"not a restic --read-data-subset: {subset!r}")
-    result = run([*tuning.global_args(repository), "check", f"--read-data-subset={subset}"], env=repository.env(),
-                 timeout=tuning.command_timeout)
+    result = run([*tuning.global_args(repository), "--no-lock", "check", f"--read-data-subset={subset}"],
+                 env=repository.env(), timeout=tuning.command_timeout)
     if not result.ok:
         raise ResticError(_reason(result, "check"), exit_code=result.exit_code)
     return result.duration

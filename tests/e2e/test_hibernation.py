@@ -145,7 +145,13 @@ def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapsho
 
     with celery_worker(stack_base.tmp, env=stack_base.env):
         assert reconcile()["resumed"] == [instance.pk]
-        wait_for_status(instance, "hibernated", timeout=300)  # the backup runs again, on two loaded cores
+        try:
+            wait_for_status(instance, "hibernated", timeout=300)  # the backup runs again, on two loaded cores
+        except TimeoutError as exc:  # say what the resumed hibernation did
+            events = [(e.created_at.strftime("%H:%M:%S"), e.kind, e.message[:200]) for e in instance.events.order_by("id")]
+            raise AssertionError(f"{exc}; events: {events}; snapshots: "
+                                 f"{list(Snapshot.objects.filter(instance=instance).values('status', 'error'))}; "
+                                 f"fast paths: {list(FastPathManifest.objects.filter(instance=instance).values('status', 'error'))}") from exc
     verified = Snapshot.objects.get(instance=instance, status="verified", reason="hibernate")
     hibernated = instance.events.filter(kind="status", data__to="hibernated").get()
     assert hibernated.created_at >= verified.verified_at

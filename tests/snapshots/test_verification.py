@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
+from dumont.s3server import Credentials
 from machines.keys import control_plane_key_path
 from machines.ssh import connect
 from snapshots import restic, services, storage
 from snapshots.models import Snapshot, SnapshotRepository
 from snapshots.selectors import snapshot_latest_verified
 from tests.factories import make_instance, make_user
+from tests.harness import wait_until
 from tests.snapshots.helpers import install_restic_wrapper, make_workspace
 
 pytestmark = pytest.mark.django_db
@@ -157,3 +160,28 @@ def test_retention_never_forgets_the_newest_verified_hibernation_snapshot(settin
     expired = services._expired(list(Snapshot.objects.filter(instance=instance).order_by(*Snapshot.NEWEST_FIRST)))
     assert expired == [old_hibernation]
     assert newest_hibernation not in expired
+
+
+def test_the_read_back_is_not_stopped_by_a_lock_a_backup_still_holds(tmp_path):
+    """A hibernation resumed after its worker was killed finds the dead run's restic still backing up (or its
+    lock left behind): the control plane's read-back must not fail on that lock."""
+    binary = services.restic_binary()
+    repository = restic.Repository(str(tmp_path / "repo"), "a-password", Credentials("", ""))
+    tuning = restic.Tuning(connections=2, command_timeout=120)
+    runner = restic.LocalRunner(binary, cache_dir=tmp_path / "cache")
+    restic.init(runner, repository, tuning)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **repository.env()}
+    subprocess.run([binary, "backup", "--stdin", "--stdin-filename", "first"], input=b"data", env=env, check=True,
+                   capture_output=True)
+    # a backup that keeps its lock while its input stays open
+    holder = subprocess.Popen([binary, "backup", "--stdin", "--stdin-filename", "slow"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_until(lambda: any((tmp_path / "repo" / "locks").iterdir()), timeout=30, what="the backup's lock")
+        locked = subprocess.run([binary, "check"], env=env, capture_output=True, text=True)
+        assert locked.returncode != 0 and "locked" in locked.stderr  # what the read-back used to run into
+
+        assert restic.check_read_data(runner, repository, tuning, subset="100%") >= 0
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
