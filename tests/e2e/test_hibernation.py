@@ -50,6 +50,14 @@ def workspace_of(stack, instance: Instance) -> Path:
     return Path(stack.market.control.instance(instance.provider_instance_id)["workspace"])
 
 
+def _story(instance: Instance) -> str:
+    """What happened to an instance, for a failure message: its events, snapshots, fast paths, machine keys."""
+    events = [(e.created_at.strftime("%H:%M:%S"), e.kind, e.message[:200]) for e in instance.events.order_by("id")]
+    return (f"events: {events}; snapshots: {list(Snapshot.objects.filter(instance=instance).values('status', 'error'))}"
+            f"; fast paths: {list(FastPathManifest.objects.filter(instance=instance).values('status', 'error'))}"
+            f"; machine keys: {list(MachineKey.objects.filter(instance=instance).values('machine', 'revoked_at'))}")
+
+
 def heartbeats_arrive(instance: Instance) -> bool:
     return agent_selectors.last_heartbeat_at(instance.pk) is not None
 
@@ -148,10 +156,7 @@ def test_worker_killed_mid_hibernation_never_destroys_without_a_verified_snapsho
         try:
             wait_for_status(instance, "hibernated", timeout=300)  # the backup runs again, on two loaded cores
         except TimeoutError as exc:  # say what the resumed hibernation did
-            events = [(e.created_at.strftime("%H:%M:%S"), e.kind, e.message[:200]) for e in instance.events.order_by("id")]
-            raise AssertionError(f"{exc}; events: {events}; snapshots: "
-                                 f"{list(Snapshot.objects.filter(instance=instance).values('status', 'error'))}; "
-                                 f"fast paths: {list(FastPathManifest.objects.filter(instance=instance).values('status', 'error'))}") from exc
+            raise AssertionError(f"{exc}; {_story(instance)}") from exc
     verified = Snapshot.objects.get(instance=instance, status="verified", reason="hibernate")
     hibernated = instance.events.filter(kind="status", data__to="hibernated").get()
     assert hibernated.created_at >= verified.verified_at
@@ -218,7 +223,7 @@ def test_an_empty_workspace_hibernates_after_the_agent_is_ready_and_wakes_empty(
         wait_until(lambda: instance.events.filter(kind="status", data__to="hibernating").exists(), timeout=60,
                    what="the hibernation to start")
         wait_for_status(instance, "hibernated", "running", timeout=180)
-        assert instance.status == "hibernated", instance.status_reason
+        assert instance.status == "hibernated", _story(instance)
         ready = instance.events.get(kind="hibernate", data__agent_ready=True)
         snapshot = Snapshot.objects.get(instance=instance, reason="hibernate")
         assert snapshot.status == "verified" and snapshot.stats == {"empty": True}
