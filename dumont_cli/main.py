@@ -383,10 +383,11 @@ def _poll(state: State, path: str, done: set[str], what: str) -> dict:
 @cli.command()
 @click.argument("name")
 @wait_option
+@click.option("--fast", is_flag=True, help="Also store the fast path (a hibernation always does).")
 @click.pass_obj
-def snapshot(state: State, name, wait):
-    """Take a snapshot of a running instance now."""
-    row = state.api.post("/api/v1/snapshots", {"instance": state.api.instance(name)["id"]})
+def snapshot(state: State, name, wait, fast):
+    """Take a snapshot of a running instance now (with --fast, its fast path too: what a wake restores fastest)."""
+    row = state.api.post("/api/v1/snapshots", {"instance": state.api.instance(name)["id"], "fast": fast})
     if wait:
         row = _poll(state, f"/api/v1/snapshots/{row['id']}", {"verified", "failed", "deleted"}, f"snapshot {row['id']}")
     if row["status"] == "failed":

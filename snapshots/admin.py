@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from snapshots.models import Snapshot, SnapshotRepository, SnapshotRestore
+from snapshots.models import FastPathManifest, Snapshot, SnapshotRepository, SnapshotRestore
 
 
 @admin.register(Snapshot)
@@ -21,9 +21,9 @@ class SnapshotAdmin(admin.ModelAdmin):
 
 @admin.register(SnapshotRestore)
 class SnapshotRestoreAdmin(admin.ModelAdmin):
-    list_display = ["id", "snapshot", "instance", "owner", "status", "duration_seconds", "installed_restic",
+    list_display = ["id", "snapshot", "instance", "owner", "status", "method", "duration_seconds", "installed_restic",
                     "created_at", "finished_at"]
-    list_filter = ["status"]
+    list_filter = ["status", "method"]
     search_fields = ["restic_snapshot_id", "instance__name", "owner__username"]
     readonly_fields = [field.name for field in SnapshotRestore._meta.fields]
 
@@ -38,6 +38,22 @@ class SnapshotRepositoryAdmin(admin.ModelAdmin):
     # never the password
     fields = ["owner", "prefix", "initialized_at", "size_bytes", "size_measured_at", "pruned_at", "created_at"]
     readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(FastPathManifest)
+class FastPathManifestAdmin(admin.ModelAdmin):
+    """The fast paths (README "Fast wake"): a snapshot's, or a presync's (no snapshot)."""
+
+    list_display = ["id", "snapshot", "instance", "owner", "status", "workspace_bytes", "uploaded_bytes",
+                    "stored_bytes", "file_count", "duration_seconds", "created_at", "verified_at"]
+    list_filter = ["status"]
+    search_fields = ["instance__name", "owner__username", "manifest_sha256"]
+    # the object keys are long and many: the row's figures and stats say what matters
+    exclude = ["object_keys"]
+    readonly_fields = [field.name for field in FastPathManifest._meta.fields if field.name != "object_keys"]
 
     def has_add_permission(self, request):
         return False

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from instances.models import Instance
+from snapshots.models import SnapshotRestore
 from tests.cli.helpers import dumont, ssh, ssh_keypair
 from tests.harness import REPO_ROOT
 from tests.snapshots.helpers import make_workspace, manifest
@@ -170,11 +171,13 @@ def test_snapshot_restore_keep_awake_pause_then_ssh_resumes_it(stack, cli_env, t
     (workspace / "model.txt").write_text("epoch 1\n")
 
     assert "ops-1 kept awake until" in dumont("keep-awake", "ops-1", "2h", env=env).stdout
-    taken = dumont("snapshot", "ops-1", env=env).stdout
+    taken = dumont("snapshot", "ops-1", "--fast", env=env).stdout
     snapshot_id = re.match(r"snapshot (\d+) verified", taken)[1]
     (workspace / "model.txt").write_text("epoch 2, diverged\n")
-    assert re.match(r"restore \d+ succeeded", dumont("restore", snapshot_id, "ops-1", env=env).stdout)
+    restored = re.match(r"restore (\d+) succeeded", dumont("restore", snapshot_id, "ops-1", env=env).stdout)
     assert (workspace / "model.txt").read_text() == "epoch 1\n"
+    # asked with --fast, the snapshot has a fast path, and the restore over the running workspace used it
+    assert SnapshotRestore.objects.get(pk=restored[1]).method == "fastpath"
     kinds = [json.loads(line)["kind"] for line in dumont("events", "ops-1", "--json", env=env).stdout.splitlines()]
     assert {"race", "snapshot", "restore"} <= set(kinds)
 
