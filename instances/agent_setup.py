@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from django.conf import settings
 
@@ -25,15 +26,26 @@ from snapshots.storage import StorageError
 log = logging.getLogger(__name__)
 
 
-def agent_start(instance: Instance) -> bool:
+def agent_start(instance: Instance, *, on_heartbeats: Callable[[], None] | None = None) -> bool:
     """Deploy the agent with a fresh credential (the previous machine's secret dies with it) and its
     periodic sync (an incremental restic backup every AGENT_SYNC_INTERVAL_SECONDS, restic installed first).
+
+    `on_heartbeats` is called once, as soon as the agent runs: before its sync is set up when that still
+    needs the machine's own restic key (`restic key add`, seconds), so a relaunch can declare the instance
+    running without waiting for it (a fast-path restore makes no restic key; restic's restore did).
 
     A failure is an event, not an error: without heartbeats the instance is never judged idle (a
     missing heartbeat is not idleness), so it keeps running, and the agent can be redeployed.
     """
     secret = agent_credential_issue(instance.pk)
     target = instance.ssh_target
+    announced = False
+
+    def announce() -> None:
+        nonlocal announced
+        if on_heartbeats is not None and not announced:
+            announced = True
+            on_heartbeats()
 
     def deploy(sync: SyncConfig | None) -> None:
         agent_deploy(target=target, private_key=control_plane_key_path(), instance_id=instance.pk, secret=secret,
@@ -45,6 +57,7 @@ def agent_start(instance: Instance) -> bool:
             # a new machine's own restic key takes seconds to make (`restic key add`, two KDFs): the agent
             # starts its heartbeats first, and is redeployed with its sync once the key is there
             deploy(None)
+            announce()
         try:
             sync = _sync(instance, target)
         except (SSHError, ResticError, StorageError, snapshot_services.MachineGone) as exc:
@@ -57,7 +70,9 @@ def agent_start(instance: Instance) -> bool:
         log.warning("agent deploy on instance %s failed: %s", instance.pk, exc)
         instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT,
                            message=f"agent could not be started: {exc}", data={"error": str(exc)[:500]})
+        announce()
         return False
+    announce()
     instance_event_add(instance=instance, kind=InstanceEvent.Kind.AGENT,
                        message="agent started" + (" with its periodic sync" if sync else ""))
     return True

@@ -54,7 +54,8 @@ def relaunch(instance_id: int, *, expected: str, running_message: str, failed_me
              avoid_hosts: tuple[str, ...] = (), source: Source = "snapshot", snapshot_id: int | None = None,
              standby: StandbyMachine | None = None) -> Relaunched:
     """`expected` -> running. `running_message` / `failed_message` are formatted with `host`, `seconds` /
-    `error`. `source`: "snapshot" (`snapshot_id`, or the latest verified) or "mirror" (`standby`, pulled
+    `error`. Running is declared as soon as the agent runs (heartbeats): a new machine's restic key and the
+    agent's sync follow within the same task (`timings["sync"]`). `source`: "snapshot" (`snapshot_id`, or the latest verified) or "mirror" (`standby`, pulled
     under the standby lock: a periodic sync cannot start, but one may be finishing). A "mirror" source with a
     `snapshot_id` (a recovery whose mirror is newer than its snapshot) falls back on that snapshot if the
     pull fails."""
@@ -71,6 +72,14 @@ def relaunch(instance_id: int, *, expected: str, running_message: str, failed_me
     detail: dict = {}
     hold = (advisory_lock(STANDBY_LOCK, instance_id, wait_seconds=settings.STANDBY_SYNC_TIMEOUT_SECONDS)
             if source == "mirror" else contextlib.nullcontext())
+
+    def declare_running() -> None:
+        timings["total"] = round((timezone.now() - began).total_seconds(), 3)
+        transition(instance.pk, Status.RUNNING, expected=expected,
+                   message=running_message.format(host=instance.host_id, seconds=timings["total"]),
+                   data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name,
+                         "timings": timings})
+
     with hold:
         pulled = False
         try:
@@ -83,22 +92,18 @@ def relaunch(instance_id: int, *, expected: str, running_message: str, failed_me
                         raise
                     detail["mirror_error"] = str(exc)[:500]  # the older copy, rather than nothing
                     _from_snapshot(instance, snapshot_id, timings, detail)
-                    _agent(instance, timings)
+                    _agent(instance, timings, declare_running)
             else:
                 if source == "snapshot":
                     _from_snapshot(instance, snapshot_id, timings, detail)
-                _agent(instance, timings)
+                _agent(instance, timings, declare_running)
         except _NotRestored as exc:
             provider_client(instance.provider, instance.provider_account).destroy(instance.provider_instance_id)
             transition(instance.pk, FAILED_RACE_STATUS[expected], expected=expected,
                        message=failed_message.format(error=exc), **MACHINE_FIELDS_CLEARED)
             return Relaunched("copy-failed" if source == "mirror" else "restore-failed", timings, detail)
-        timings["total"] = round((timezone.now() - began).total_seconds(), 3)
-        transition(instance.pk, Status.RUNNING, expected=expected,
-                   message=running_message.format(host=instance.host_id, seconds=timings["total"]),
-                   data={"price_per_hour": str(instance.price_per_hour or 0), "gpu_name": instance.gpu_name,
-                         "timings": timings})
         if pulled:
+            declare_running()
             # the GPU now holds what the standby held at the last pass: that is the mirror's point, and this
             # machine may push to it (instances.standby.mirror_is_newer)
             StandbyMachine.objects.filter(pk=standby.pk).update(last_sync_at=detail.pop("last_pass_at"),
@@ -107,10 +112,19 @@ def relaunch(instance_id: int, *, expected: str, running_message: str, failed_me
     return Relaunched("running", timings, detail)
 
 
-def _agent(instance: Instance, timings: dict[str, float]) -> None:
+def _agent(instance: Instance, timings: dict[str, float], on_heartbeats=None) -> None:
+    """The agent; `on_heartbeats` (declare the instance running) as soon as it runs: its sync may follow
+    (a new machine's restic key), timed apart as `sync`."""
     started = time.monotonic()
-    agent_setup.agent_start(instance)
-    timings["agent"] = round(time.monotonic() - started, 3)
+
+    def heartbeats() -> None:
+        timings["agent"] = round(time.monotonic() - started, 3)
+        if on_heartbeats is not None:
+            on_heartbeats()
+
+    agent_setup.agent_start(instance, on_heartbeats=heartbeats)
+    if round(time.monotonic() - started, 3) - timings["agent"] > 0.5:
+        timings["sync"] = round(time.monotonic() - started - timings["agent"], 3)
 
 
 def _from_snapshot(instance: Instance, snapshot_id: int | None, timings: dict[str, float], detail: dict) -> None:

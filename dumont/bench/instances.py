@@ -258,6 +258,8 @@ class WakeBenchmark(Benchmark):
                     SNAPSHOT_S3_BUCKET="bench", SNAPSHOT_S3_ACCESS_KEY_ID=admin.access_key_id,
                     SNAPSHOT_S3_SECRET_ACCESS_KEY=admin.secret_access_key, SNAPSHOT_MACHINE_CREDENTIALS="scoped",
                     SNAPSHOT_S3_SCOPE_SECRET=scope_secret,
+                    # the agents post nowhere here: no `hibernate_ready` to wait for, the two passes at once
+                    HIBERNATE_AGENT_READY_SECONDS=0,
                 ):
                     user, _ = get_user_model().objects.get_or_create(username="__benchmark__")
                     try:

@@ -102,8 +102,14 @@ def _hibernate_and_wake(stack, api):
     assert instance.status == "running", instance.status_reason
     assert instance.host_id != first_host
     assert manifest(workspace_of(stack, instance)) == expected
-    wake = InstanceEvent.objects.filter(instance=instance, kind="wake", data__has_key="timings").get()
-    assert set(wake.data["timings"]) == {"race", "restore", "agent", "total"}
+    # the wake's own event comes once the task is done: after the agent's sync, which follows `running`
+    wake = wait_until(lambda: InstanceEvent.objects.filter(instance=instance, kind="wake", data__has_key="timings")
+                      .first(), timeout=60, what="the wake's event")
+    # running as soon as the agent ran: the new machine's restic key and the agent's sync came after
+    assert set(wake.data["timings"]) == {"race", "restore", "agent", "sync", "total"}
+    running = instance.events.filter(kind="status", data__to="running").latest("id")
+    synced = instance.events.filter(kind="agent", message="agent started with its periodic sync").latest("id")
+    assert synced.id > running.id and "sync" not in running.data["timings"]
     # the hibernation stored a fast path beside restic's snapshot, and the wake restored from it
     assert snapshot.fastpath.status == "verified", snapshot.fastpath.error
     assert wake.data["restore_method"] == "fastpath" and wake.data["restore_bytes"] > 2 << 20

@@ -269,7 +269,8 @@ def test_recovery_takes_the_standbys_mirror_when_it_is_newer_than_the_snapshot(s
     assert instance.status == "running", instance.status_reason
     assert instance.host_id != lost_host
     assert (workspace_of(stack, instance) / "after-the-snapshot.txt").read_text() == "only the mirror has me\n"
-    recovery = instance.events.get(kind="recovery")
+    recovery = wait_until(lambda: instance.events.filter(kind="recovery").first(), timeout=60,
+                          what="the recovery's event (written once its task is done)")
     assert recovery.data["mirror"] == standby.pk and recovery.data["snapshot"] is None
     # the next sync pushes from the new machine: the mirror keeps the file
     synced_after(instance, timezone.now())
