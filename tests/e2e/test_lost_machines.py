@@ -67,8 +67,10 @@ def destroy(stack, api, instance: Instance) -> None:
 def take_snapshot(api, instance: Instance) -> Snapshot:
     response = api.post("/api/v1/snapshots", {"instance": instance.pk}, format="json")
     assert response.status_code == 202, response.json()
-    return wait_until(lambda: Snapshot.objects.filter(pk=response.json()["id"], status="verified").first(),
-                      timeout=120, what="the snapshot to be verified")
+    snapshot = wait_until(lambda: Snapshot.objects.filter(pk=response.json()["id"], status__in=["verified", "failed"])
+                          .first(), timeout=240, what="the snapshot to finish")
+    assert snapshot.status == "verified", snapshot.error
+    return snapshot
 
 
 def standby_workspace(stack, standby: StandbyMachine) -> Path:
