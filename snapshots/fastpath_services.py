@@ -295,13 +295,9 @@ def fastpath_apply_retention(repository: SnapshotRepository) -> dict:
     """Each instance keeps the fast path of its newest verified snapshot that has one; a fast path whose
     snapshot is gone goes with it; then objects that no live manifest names (and older than the grace) and the
     manifests of deleted rows are deleted from storage. The caller holds the owner's retention lock and saw no
-    snapshot of the owner running."""
+    snapshot of the owner running (services._fail_stale failed the pending rows a dead worker left)."""
     owner_id = repository.owner_id
     now = timezone.now()
-    stale = FastPathManifest.objects.filter(
-        owner_id=owner_id, status=FastPathManifest.Status.PENDING,
-        created_at__lt=now - timezone.timedelta(seconds=settings.SNAPSHOT_TASK_TIME_LIMIT + 60))
-    stale.update(status=FastPathManifest.Status.FAILED, error="interrupted: its snapshot never finished")
     FastPathManifest.objects.filter(owner_id=owner_id, status=FastPathManifest.Status.VERIFIED,
                                     snapshot__isnull=False).exclude(snapshot__status=Snapshot.Status.VERIFIED).update(
         status=FastPathManifest.Status.DELETED, deleted_at=now)

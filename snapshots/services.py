@@ -751,6 +751,9 @@ def _fail_stale(owner) -> None:
                       error=reason, finished_at=timezone.now())
     status_transition(SnapshotRestore.objects.filter(owner=owner, created_at__lt=cutoff), SnapshotRestore.Status.FAILED,
                       error=reason, finished_at=timezone.now())
+    # and a fast path left pending (a killed presync): it would hold every retention pass of the owner off
+    FastPathManifest.objects.filter(owner=owner, status=FastPathManifest.Status.PENDING, created_at__lt=cutoff).update(
+        status=FastPathManifest.Status.FAILED, error=reason)
 
 
 # ---- the agent's periodic sync ----------------------------------------------------------------

@@ -221,3 +221,24 @@ def test_no_presync_while_a_snapshot_of_the_instance_runs_or_with_the_fast_path_
     settings.SNAPSHOT_FASTPATH = False
     assert services.fastpath_presync(owner=owner, instance_id=instance.pk, target=machine.target) is None
     assert not FastPathManifest.objects.filter(instance=instance).exists()
+
+
+def test_a_fast_path_left_pending_by_a_dead_worker_is_failed_and_no_longer_holds_retention_off():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    owner = make_user()
+    instance = make_instance(owner, status="running")
+    services.repository_ensure(owner=owner)
+    stale = FastPathManifest.objects.create(owner=owner, instance=instance)  # a presync whose worker died
+    FastPathManifest.objects.filter(pk=stale.pk).update(created_at=timezone.now() - timedelta(days=1))
+    fresh = FastPathManifest.objects.create(owner=owner, instance=instance)
+
+    assert services.snapshots_apply_retention(owner=owner).skipped  # one is being written: not now
+
+    fresh.delete()
+    result = services.snapshots_apply_retention(owner=owner)
+    assert not result.skipped
+    stale.refresh_from_db()
+    assert stale.status == FastPathManifest.Status.FAILED and "interrupted" in stale.error
