@@ -107,7 +107,9 @@ def machine_key_ensure(*, repository: SnapshotRepository, instance_id: int, targ
     keys = MachineKey.objects.filter(instance_id=instance_id, machine=machine)
     key = keys.filter(revoked_at__isnull=True).first()
     if key is None:
-        if keys.exists():
+        # gone only if one of its keys was revoked: a live key another task (the agent's sync set-up) committed
+        # since the read above is no reason to refuse (it was, and failed a hibernation right after a launch)
+        if keys.filter(revoked_at__isnull=False).exists():
             raise MachineGone(f"the machine of instance {instance_id} was replaced or destroyed")
         try:
             with transaction.atomic():
