@@ -27,7 +27,7 @@ from instances.events import instance_event_add
 from instances.locks import LOCK_NAMESPACE
 from instances.models import Instance, InstanceEvent, StandbyMachine, UnreachableMachine
 from instances.race import LIVE_OUTCOMES, RACING
-from instances.states import HOLDS_MACHINE, KEEPS_STANDBY, Status
+from instances.states import HOLDS_MACHINE, KEEPS_STANDBY, Status, standby_transition
 from machines.clients import clients_for_user
 from machines.models import MachineAttempt
 from machines.providers.base import ProviderError, ProviderInstance
@@ -101,8 +101,13 @@ def _reconcile_machine(provider: str, client, machine: ProviderInstance, destroy
     parsed = _parse_label(machine.label)
     MachineAttempt.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
                                   destroyed_at__isnull=True).update(destroyed_at=timezone.now())
-    StandbyMachine.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
-                                  destroyed_at__isnull=True).update(destroyed_at=timezone.now())
+    now = timezone.now()
+    for standby_id in StandbyMachine.objects.filter(provider=provider, provider_instance_id=machine.instance_id,
+                                                    destroyed_at__isnull=True).values_list("pk", flat=True):
+        # destroyed, not only dated: a `ready` row with a destroy date is skipped by standby_destroy and stayed
+        # active forever (the standby row of a hibernated instance whose machine reconcile took as an orphan)
+        if not standby_transition(standby_id, StandbyMachine.Status.DESTROYED, destroyed_at=now):
+            StandbyMachine.objects.filter(pk=standby_id).update(destroyed_at=now)  # failed already: it keeps that
     instance = Instance.objects.filter(pk=parsed[0]).first() if parsed else None
     if instance is not None:
         instance_event_add(instance=instance, kind=InstanceEvent.Kind.RACE,
