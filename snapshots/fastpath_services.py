@@ -279,7 +279,6 @@ def restore(session: SSHSession, manifest_row: FastPathManifest, prefix: str) ->
     """Write the workspace from the fast path: the manifest, a presigned GET per object, the machine's
     program. Returns its figures (bytes, seconds, MB/s); FastPathError/StorageError/SSHError otherwise."""
     manifest = manifest_read(prefix, manifest_row.pk, manifest_row.manifest_sha256)
-    storage.fast_client()
     size = sum(int(record.get("stored_size") or 0) for record in manifest.get("objects", {}).values())
     ttl = url_ttl(size)
     urls = {key: storage.fast_presign("get_object", fastpath.object_name(prefix, key), ttl)

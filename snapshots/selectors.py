@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import timedelta
+
+from django.utils import timezone
 
 from dumont.core.errors import NotFound
 from machines.ssh import SSHTarget
@@ -50,10 +53,6 @@ def fastpath_presync_due(instance_ids, *, older_than_seconds: float) -> list[int
     """Of these instances, those whose newest fast path (a snapshot's or a presync, whatever became of it) was
     started more than `older_than_seconds` ago, or that have none: a presync after their periodic sync keeps the
     next hibernation's upload small, and a failed one is not retried sooner."""
-    from datetime import timedelta
-
-    from django.utils import timezone
-
     cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
     recent = set(FastPathManifest.objects.filter(instance_id__in=instance_ids, created_at__gte=cutoff)
                  .values_list("instance_id", flat=True))

@@ -5,9 +5,11 @@ dev S3 server, real SSH into sshd machines."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from snapshots import fastpath, services, storage
 from snapshots.models import FastPathManifest, Snapshot, SnapshotRepository, SnapshotRestore
@@ -224,10 +226,6 @@ def test_no_presync_while_a_snapshot_of_the_instance_runs_or_with_the_fast_path_
 
 
 def test_a_fast_path_left_pending_by_a_dead_worker_is_failed_and_no_longer_holds_retention_off():
-    from datetime import timedelta
-
-    from django.utils import timezone
-
     owner = make_user()
     instance = make_instance(owner, status="running")
     services.repository_ensure(owner=owner)
